@@ -1,0 +1,136 @@
+"""The shard manifest: the contract between `shards/` (writer) and `pipeline/` (reader).
+
+``manifest.json`` sits in the shard directory; shard and index paths in it are relative to that directory::
+
+    {"version": 1, "prefix": "train", "total_samples": 1234, "total_bytes": 567890,
+     "shards": [{"tar": "train-000000.tar", "index": "train-000000.idx", "samples": 500,
+                 "bytes": 230000, "max_sample_bytes": 1200, "stats": "train-000000.stats.json"}, ...],
+     "options": {...the build options...}, "classes": ["cat", "dog"] or null}
+
+Each sample in a tar is ``<key>.jpg`` (RGB JPEG) + ``<key>.json`` (source path, original size, hash) and,
+for labelled sets, ``<key>.cls`` (the class index as ASCII text).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+class ManifestError(ValueError):
+    """A missing or inconsistent manifest, shard or index file; the message names the file."""
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One tar shard as recorded in the manifest."""
+
+    tar: str
+    index: str
+    samples: int
+    bytes: int
+    max_sample_bytes: int = 0
+    stats: str = ""
+
+
+@dataclass
+class Manifest:
+    """All shards of a data set plus the options that produced them."""
+
+    shards: list[ShardEntry]
+    prefix: str = "train"
+    options: dict[str, Any] = field(default_factory=dict)
+    classes: list[str] | None = None
+    root: Path = Path(".")  # directory the relative paths resolve against (not serialised)
+
+    @property
+    def total_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    @property
+    def max_sample_bytes(self) -> int:
+        return max((s.max_sample_bytes for s in self.shards), default=0)
+
+    def tar_path(self, shard: ShardEntry) -> Path:
+        return self.root / shard.tar
+
+    def index_path(self, shard: ShardEntry) -> Path:
+        return self.root / shard.index
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": MANIFEST_VERSION, "prefix": self.prefix, "total_samples": self.total_samples,
+            "total_bytes": self.total_bytes, "shards": [asdict(s) for s in self.shards],
+            "options": self.options, "classes": self.classes,
+        }
+
+    def check_files(self) -> None:
+        """Raise ManifestError naming the first shard tar or index file that is missing."""
+        for shard in self.shards:
+            for path in (self.tar_path(shard), self.index_path(shard)):
+                if not path.is_file():
+                    kind = "shard" if path.suffix == ".tar" else "index file"
+                    raise ManifestError(f"missing {kind}: {path}")
+
+
+def manifest_path(path: str | os.PathLike) -> Path:
+    """Accept either the manifest file or the directory holding it."""
+    path = Path(path)
+    return path / MANIFEST_NAME if path.is_dir() else path
+
+
+def read_manifest(path: str | os.PathLike, check_files: bool = True) -> Manifest:
+    """Load and validate a manifest.
+
+    Args:
+        path: manifest.json or its directory.
+        check_files: also check that every tar and index file exists.
+
+    Raises:
+        ManifestError: missing or malformed manifest, or a missing shard/index (named).
+    """
+    path = manifest_path(path)
+    if not path.is_file():
+        raise ManifestError(f"shard manifest not found: {path}")
+    try:
+        raw = json.loads(path.read_text())
+        shards = [ShardEntry(**s) for s in raw["shards"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ManifestError(f"malformed shard manifest {path}: {exc}") from None
+    if raw.get("version") != MANIFEST_VERSION:
+        raise ManifestError(f"{path}: unsupported manifest version {raw.get('version')!r}")
+    if not shards:
+        raise ManifestError(f"{path}: the manifest lists no shards")
+    manifest = Manifest(shards=shards, prefix=raw.get("prefix", "train"), options=raw.get("options", {}),
+                        classes=raw.get("classes"), root=path.parent)
+    if check_files:
+        manifest.check_files()
+    return manifest
+
+
+def write_manifest(manifest: Manifest, directory: str | os.PathLike) -> Path:
+    """Write ``manifest.json`` atomically (temporary file, fsync, rename) into ``directory``."""
+    directory = Path(directory)
+    out = directory / MANIFEST_NAME
+    write_json_atomic(out, manifest.to_json())
+    return out
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON so that readers see either the old file or the complete new one, never a torn one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(payload, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
