@@ -341,14 +341,51 @@ def build_parser(description: str = "MoCo pre-training") -> argparse.ArgumentPar
     parser.add_argument("--config", default=None, help="YAML file with defaults (nested by group); flags override it.")
     parser.add_argument("--print-config", action="store_true", help="Print the resolved config as YAML and exit.")
     for group, cls in GROUPS.items():
-        arg_group = parser.add_argument_group(group, cls.__doc__)
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            arg_group.add_argument(
-                "--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar=f.name.upper(),
-                help=f"{f.metadata.get('help', '')} [default: {default}]".replace("%", "%%"),
-            )
+        add_dataclass_flags(parser, cls, group)
     return parser
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    """Add one ``--field-name`` flag per field of the dataclass ``cls``, defaults left unset (None)."""
+    arg_group = parser.add_argument_group(title, cls.__doc__)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        arg_group.add_argument(
+            "--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar=f.name.upper(),
+            help=f"{f.metadata.get('help', '')} [default: {default}]".replace("%", "%%"),
+        )
+
+
+def parse_dataclass(cls: type, argv: list[str] | None = None, description: str = "", title: str = "options") -> Any:
+    """Build any frozen config dataclass (not only :class:`Config`) from flags generated from its fields.
+
+    ``--config FILE.yaml`` (a flat mapping of field names) sets defaults, flags override it. Values are
+    coerced like :func:`parse_config`; the dataclass's own ``__post_init__`` may raise ConfigError.
+
+    Raises:
+        ConfigError: unknown flag or key, wrong type, invalid value (one line, names the field).
+    """
+    parser = _OneLineErrorParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML file with defaults (flat mapping); flags override it.")
+    add_dataclass_flags(parser, cls, title)
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    if args.config:
+        try:
+            values = yaml.safe_load(Path(args.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{args.config}: cannot read config ({str(exc).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{args.config}: top level must be a mapping of fields")
+    hints = _field_types(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"{args.config}: unknown key '{key}'")
+    for name in known:
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    return cls(**{k: _coerce(v, hints[k], k) for k, v in values.items()})
 
 
 def parse_config(argv: list[str] | None = None, description: str = "MoCo pre-training") -> Config:
