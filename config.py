@@ -409,10 +409,10 @@ def parse_config(argv: list[str] | None = None, description: str = "MoCo pre-tra
     return cfg
 
 
-def main_guard(fn: typing.Callable[[], Any]) -> Any:
-    """Run an entry point, turning ConfigError into ``error: ...`` on stderr and exit code 2."""
+def main_guard(fn: typing.Callable[[], Any], user_errors: tuple[type[BaseException], ...] = ()) -> Any:
+    """Run an entry point, turning ConfigError (and ``user_errors``) into ``error: ...`` on stderr and exit code 2."""
     try:
         return fn()
-    except ConfigError as exc:
+    except (ConfigError, *user_errors) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
