@@ -54,6 +54,10 @@ class DataConfig:
         "auto", "Dtype of the views handed to the model. auto: the training precision's dtype on GPU, float32 on CPU.")
     channels_last: bool = _f(True, "Views in channels_last memory format (faster convolutions on tensor cores).")
     hw_decoder_load: float = _f(0.65, "Share of JPEG decoding sent to the hardware decoder (A100/H100). 0.65 per NVIDIA's advice.")
+    dali_device: Literal["auto", "gpu", "cpu"] = _f(
+        "auto", "Where DALI decodes and augments. auto: the GPU when training on CUDA, else CPU operators only.")
+    view_decode: Literal["once", "roi"] = _f(
+        "once", "DALI views: decode once and crop twice (recommended, see pipeline/__init__.py) or ROI-decode per view.")
     max_bad_batches: int = _f(1000, "Abort after this many batches lost to corrupt data (a sign the shards are broken).")
 
 
