@@ -1,0 +1,206 @@
+"""Take the query encoder's backbone out of a checkpoint: a plain torchvision state_dict or detectron2 weights.
+
+Usage::
+
+    python -m model.export runs/r50/checkpoints/ckpt-000500000.pt --format torchvision --out r50_moco.pth
+    python -m model.export CKPT --format detectron2 --out r50_moco.pkl     # then MODEL.WEIGHTS r50_moco.pkl
+
+Accepted checkpoints: this project's (``{"model": MoCo.state_dict(), "config": {...}}``), the original MoCo
+release (``{"state_dict": {"module.encoder_q.*": ...}, "arch": ...}``) and plain state dicts (for example an
+earlier torchvision export). The torchvision file loads into ``torchvision.models.<arch>()`` with only ``fc``
+missing. The detectron2 file renames keys as the original MoCo converter does (``stem.conv1``, ``res2..res5``,
+``shortcut``, BN as ``convN.norm``) and sets ``matching_heuristics`` so detectron2 maps the rest by shape.
+With detectron2, set ``MODEL.PIXEL_MEAN/STD`` to ImageNet RGB statistics (times 255) and ``INPUT.FORMAT: RGB``:
+the backbone was trained on RGB images normalised that way, not on detectron2's default BGR/Caffe input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import sys
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+
+# Prefixes under which a backbone's torchvision keys (conv1.weight, layer1.0.bn1.weight, ...) are stored, tried in
+# order. MoCo (model/moco.py) keeps the query encoder's torchvision trunk under "encoder_q.backbone." (model/encoder.py).
+BACKBONE_PREFIXES = ("encoder_q.backbone.", "encoder_q.", "module.encoder_q.", "backbone.", "module.", "")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not hold the expected backbone; the message is one line."""
+
+
+def load_checkpoint(source: str | os.PathLike | dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint (path or already-loaded dict) into ``(state_dict, config)``.
+
+    Returns:
+        The model state dict (this project's ``"model"``, the original MoCo's ``"state_dict"``, or the dict
+        itself when it maps names to tensors) and the nested run config (``{}`` when the checkpoint has none).
+
+    Raises:
+        CheckpointError: missing, unreadable or corrupt file, or a dict without a model state.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint not found: {path}")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types (UnpicklingError, RuntimeError, EOFError, ...)
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {first})") from None
+    else:
+        path, obj = "<state dict>", source
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
+    config = obj.get("config") if isinstance(obj.get("config"), dict) else {}
+    for key in ("model", "state_dict"):
+        if isinstance(obj.get(key), dict):
+            state = obj[key]
+            break
+    else:
+        state = obj
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: no model state found (expected 'model' or 'state_dict' of tensors)")
+    if not config and isinstance(obj.get("arch"), str):  # the original MoCo checkpoint records only the arch
+        config = {"model": {"arch": obj["arch"]}}
+    return state, config
+
+
+def checkpoint_arch(config: dict[str, Any]) -> str | None:
+    """The encoder architecture recorded in a checkpoint's config, if any."""
+    return (config.get("model") or {}).get("arch")
+
+
+def backbone_state_dict(state: dict[str, torch.Tensor], arch: str) -> OrderedDict[str, torch.Tensor]:
+    """The query encoder's trunk as a state dict of ``torchvision.models.<arch>()`` without ``fc``.
+
+    Args:
+        state: a model state dict (MoCo, original MoCo, or plain torchvision).
+        arch: torchvision model name (``resnet50``).
+
+    Raises:
+        CheckpointError: unknown architecture, no backbone under any known prefix, or names/shapes that do
+            not match ``arch`` (a checkpoint of another architecture).
+    """
+    reference = torchvision_state_template(arch)
+    # Wrappers add name segments: torch.compile "_orig_mod.", DDP around an encoder "module.".
+    state = {k.replace("_orig_mod.", "").replace("encoder_q.module.", "encoder_q."): v for k, v in state.items()}
+    for prefix in BACKBONE_PREFIXES:
+        if prefix + "conv1.weight" in state:
+            break
+    else:
+        raise CheckpointError(f"no backbone found in the checkpoint (no *conv1.weight under {', '.join(BACKBONE_PREFIXES[:-1])})")
+    trunk = OrderedDict((k[len(prefix):], v) for k, v in state.items() if k.startswith(prefix))
+    missing = [k for k in reference if k not in trunk]
+    if missing:
+        raise CheckpointError(f"checkpoint does not match {arch}: {len(missing)} backbone tensors missing (e.g. {prefix}{missing[0]})")
+    for k, ref in reference.items():
+        if trunk[k].shape != ref.shape:
+            raise CheckpointError(f"checkpoint does not match {arch}: {prefix}{k} has shape {tuple(trunk[k].shape)}, "
+                                  f"{arch} expects {tuple(ref.shape)}")
+    # Trunk-like tensors that arch lacks mean a deeper network (resnet101 holds every resnet50 tensor, same shapes).
+    extra = [k for k in trunk if k not in reference and re.match(r"(conv|bn|layer)\d", k)]
+    if extra:
+        raise CheckpointError(f"checkpoint does not match {arch}: unexpected tensor {prefix}{extra[0]}")
+    return OrderedDict((k, trunk[k].detach().clone().contiguous()) for k in reference)
+
+
+def torchvision_state_template(arch: str) -> OrderedDict[str, torch.Tensor]:
+    """Names and shapes (on the meta device: no memory) of ``torchvision.models.<arch>()`` without ``fc``."""
+    try:
+        builder = torchvision.models.get_model_builder(arch)
+    except ValueError:
+        raise CheckpointError(f"unknown torchvision architecture {arch!r}") from None
+    with torch.device("meta"):
+        model = builder()
+    return OrderedDict((k, v) for k, v in model.state_dict().items() if not k.startswith("fc."))
+
+
+def load_backbone(source: str | os.PathLike | dict, arch: str | None = None) -> torch.nn.Module:
+    """A torchvision model with the checkpoint's query-encoder weights and ``fc = Identity`` (pooled features out).
+
+    Args:
+        source: checkpoint path or loaded checkpoint / state dict.
+        arch: torchvision architecture; default: the one recorded in the checkpoint.
+    """
+    state, config = load_checkpoint(source)
+    arch = arch or checkpoint_arch(config)
+    if not arch:
+        raise CheckpointError("the checkpoint records no architecture; pass --arch")
+    weights = backbone_state_dict(state, arch)
+    model = torchvision.models.get_model(arch)
+    model.fc = torch.nn.Identity()
+    model.load_state_dict(weights, strict=True)
+    return model
+
+
+def to_detectron2(weights: dict[str, torch.Tensor], author: str = "moco-dali") -> dict[str, Any]:
+    """Rename a torchvision ResNet state dict to detectron2's ResNet names (numpy arrays, pickle-ready).
+
+    ``conv1/bn1`` -> ``stem.conv1`` / ``stem.conv1.norm``; ``layerN`` -> ``res{N+1}``; ``bnK`` -> ``convK.norm``;
+    ``downsample.0/1`` -> ``shortcut`` / ``shortcut.norm``. BN's ``num_batches_tracked`` counters are dropped
+    (detectron2's frozen BN has none).
+    """
+    if "layer4.0.conv1.weight" not in weights:
+        raise CheckpointError("detectron2 export needs a ResNet backbone (layer1..layer4)")
+    out: dict[str, Any] = {}
+    for name, value in weights.items():
+        if name.endswith("num_batches_tracked") or name.startswith("fc."):
+            continue
+        new = name if name.startswith("layer") else "stem." + name
+        new = re.sub(r"layer(\d)", lambda m: f"res{int(m.group(1)) + 1}", new)
+        new = re.sub(r"(^|\.)bn(\d)", r"\1conv\2.norm", new)
+        new = new.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
+        out[new] = value.detach().cpu().numpy()
+    return {"model": out, "__author__": author, "matching_heuristics": True}
+
+
+def export(source: str | os.PathLike | dict, fmt: str, out: str | os.PathLike, arch: str | None = None) -> Path:
+    """Write the backbone of ``source`` to ``out`` as ``torchvision`` (torch.save) or ``detectron2`` (pickle)."""
+    state, config = load_checkpoint(source)
+    arch = arch or checkpoint_arch(config)
+    if not arch:
+        raise CheckpointError("the checkpoint records no architecture; pass --arch")
+    weights = backbone_state_dict(state, arch)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if fmt == "torchvision":
+        torch.save(weights, tmp)
+    elif fmt == "detectron2":
+        with open(tmp, "wb") as fh:
+            pickle.dump(to_detectron2(weights), fh)
+    else:
+        raise CheckpointError(f"unknown export format {fmt!r} (torchvision or detectron2)")
+    os.replace(tmp, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Export the query encoder's backbone from a MoCo checkpoint.")
+    parser.add_argument("checkpoint", help="checkpoint file (this project's, the original MoCo's, or a state dict)")
+    parser.add_argument("--format", choices=("torchvision", "detectron2"), default="torchvision",
+                        help="torchvision: state_dict for torchvision.models.<arch>() (fc missing); "
+                             "detectron2: .pkl for MODEL.WEIGHTS")
+    parser.add_argument("--out", required=True, help="output file (.pth for torchvision, .pkl for detectron2)")
+    parser.add_argument("--arch", default=None, help="torchvision architecture; default: the checkpoint's")
+    args = parser.parse_args(argv)
+    try:
+        path = export(args.checkpoint, args.format, args.out, args.arch)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.format} weights to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

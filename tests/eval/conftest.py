@@ -1,0 +1,80 @@
+"""Labelled real data for the evaluation tests: scikit-learn's handwritten digits as image folders and labelled shards."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shards.manifest import Manifest, write_manifest
+from shards.writer import ShardWriter
+
+DIGIT_SIZE = 32  # 8 x 8 upsampled: the smallest size a torchvision ResNet keeps a spatial map for
+
+
+def digit_images(size: int = DIGIT_SIZE) -> tuple[list[Image.Image], np.ndarray]:
+    """The 1797 scikit-learn digits (8 x 8, 0..16) as grayscale PIL images upsampled to ``size``, and their labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = [Image.fromarray((img * (255 / 16)).astype(np.uint8), "L").resize((size, size), Image.BILINEAR)
+              for img in digits.images]
+    return images, digits.target.astype(int)
+
+
+def split_indices(labels: np.ndarray, per_class: int, offset: int = 0) -> list[int]:
+    """The first ``per_class`` indices of each class after skipping ``offset`` of them (disjoint splits)."""
+    return [i for c in range(10) for i in np.flatnonzero(labels == c)[offset:offset + per_class]]
+
+
+def write_image_folder(root: Path, images: list[Image.Image], labels: np.ndarray, indices: list[int]) -> Path:
+    for i in indices:
+        folder = root / f"digit{labels[i]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        images[i].save(folder / f"{i:04d}.png")
+    return root
+
+
+def write_labelled_shards(root: Path, images: list[Image.Image], labels: np.ndarray, indices: list[int],
+                          per_shard: int = 64) -> Path:
+    """Labelled shards as ``shards build --labels-from-folders`` writes them: <key>.jpg + <key>.cls, manifest classes."""
+    root.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for start in range(0, len(indices), per_shard):
+        writer = ShardWriter(root, f"val-{start // per_shard:06d}")
+        for i in indices[start:start + per_shard]:
+            buf = io.BytesIO()
+            images[i].convert("RGB").save(buf, "JPEG", quality=95)
+            writer.write(f"{i:09d}", {"jpg": buf.getvalue(), "json": json.dumps({"index": int(i)}).encode(),
+                                      "cls": str(int(labels[i])).encode()})
+        entries.append(writer.close())
+    write_manifest(Manifest(shards=entries, prefix="val", root=root, classes=[f"digit{c}" for c in range(10)]), root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return digit_images()
+
+
+@pytest.fixture(scope="session")
+def digits_folders(digits, tmp_path_factory) -> dict[str, Path]:
+    """Disjoint small splits as image folders: train (30/class), val (10/class)."""
+    images, labels = digits
+    root = tmp_path_factory.mktemp("digits_folders")
+    return {
+        "train": write_image_folder(root / "train", images, labels, split_indices(labels, 30)),
+        "val": write_image_folder(root / "val", images, labels, split_indices(labels, 10, offset=30)),
+    }
+
+
+@pytest.fixture(scope="session")
+def digits_shards(digits, tmp_path_factory) -> Path:
+    """The val split (10/class) as labelled shards."""
+    images, labels = digits
+    return write_labelled_shards(tmp_path_factory.mktemp("digits_shards"), images, labels,
+                                 split_indices(labels, 10, offset=30), per_shard=32)
