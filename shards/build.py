@@ -191,7 +191,7 @@ def build_shards(inputs: list[str], out_dir: str | os.PathLike, options: BuildOp
             for r, c in stats["rejected"].items():
                 rejected[r] = rejected.get(r, 0) + c
 
-    manifest_options = {**recorded, "inputs": len(sources), "groups": [groups.start, groups.stop],
+    manifest_options = {**recorded, "inputs": total_inputs, "groups": [groups.start, groups.stop],
                         "rejected": dict(sorted(rejected.items())), "pillow": PIL.__version__}
     if options.part is not None:
         manifest_options["part"] = f"{options.part[0]}/{options.part[1]}"

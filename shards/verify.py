@@ -1,0 +1,148 @@
+"""`shards verify`: every shard opens, its index matches the tar, every image decodes (Pillow, then DALI).
+
+Three passes, cheapest first, so a failure names the shard and sample: (1) the manifest's files exist and
+each index lists exactly the tar's members at their data offsets; (2) every sample has its components, its
+JPEG decodes strictly with Pillow to the size its JSON records, its class index is in range; (3) DALI's
+``fn.readers.webdataset`` with the written index files and the CPU JPEG decoder reads every sample once.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from shards.manifest import Manifest, ManifestError, read_manifest
+from shards.writer import read_index
+
+
+@dataclass
+class VerifyReport:
+    """What verify checked and every problem it found (empty ``errors`` means the shards are good)."""
+
+    shards: int = 0
+    samples: int = 0
+    dali_samples: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def verify_shards(path: str | os.PathLike, dali: bool = True, max_errors: int = 50) -> VerifyReport:
+    """Check the shard set at ``path`` (manifest.json or its directory).
+
+    Args:
+        path: the manifest or its directory.
+        dali: also read everything through a DALI CPU pipeline (needs nvidia-dali).
+        max_errors: stop collecting after this many problems.
+
+    Returns:
+        A VerifyReport; a missing manifest / shard / index is an error in it, not an exception.
+    """
+    report = VerifyReport()
+    try:
+        manifest = read_manifest(path)
+    except ManifestError as exc:
+        report.errors.append(str(exc))
+        return report
+    num_classes = len(manifest.classes) if manifest.classes else 0
+    for shard in manifest.shards:
+        report.shards += 1
+        tar_path, idx_path = manifest.tar_path(shard), manifest.index_path(shard)
+        try:
+            records = read_index(idx_path)
+            with tarfile.open(tar_path, "r:") as tar:
+                members = [(m.name, m.offset_data, m.size) for m in tar.getmembers()]
+        except (OSError, ValueError, tarfile.TarError) as exc:
+            report.errors.append(f"{tar_path.name}: cannot read shard or index: {exc}")
+            continue
+        indexed = [(name, offset, size) for rec in records for _ext, offset, size, name in rec.files]
+        if indexed != members:
+            report.errors.append(f"{idx_path.name}: index does not match the members of {tar_path.name}")
+            continue
+        if len(records) != shard.samples or tar_path.stat().st_size != shard.bytes:
+            report.errors.append(f"{tar_path.name}: manifest says {shard.samples} samples / {shard.bytes} bytes, "
+                                 f"found {len(records)} / {tar_path.stat().st_size}")
+        with open(tar_path, "rb") as fh:
+            for rec in records:
+                report.samples += 1
+                problem = _check_sample(fh, rec.files, num_classes)
+                if problem:
+                    report.errors.append(f"{tar_path.name}:{rec.key}: {problem}")
+        if len(report.errors) >= max_errors:
+            return report
+    if dali and not report.errors:
+        report.dali_samples, problem = dali_read_all(manifest)
+        if problem:
+            report.errors.append(problem)
+        elif report.dali_samples != manifest.total_samples:
+            report.errors.append(f"DALI read {report.dali_samples} samples, the manifest lists {manifest.total_samples}")
+    return report
+
+
+def _check_sample(fh, files: tuple[tuple[str, int, int, str], ...], num_classes: int) -> str:
+    data = {}
+    for ext, offset, size, _name in files:
+        fh.seek(offset)
+        data[ext] = fh.read(size)
+    if "jpg" not in data or "json" not in data:
+        return f"missing component (has {sorted(data)})"
+    try:
+        meta = json.loads(data["json"])
+    except ValueError as exc:
+        return f"bad json: {exc}"
+    try:
+        image = Image.open(io.BytesIO(data["jpg"]))
+        image.load()
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is the finding
+        return f"jpg does not decode: {exc}"
+    if image.format != "JPEG" or image.mode != "RGB":
+        return f"jpg is {image.format} {image.mode}, expected an RGB JPEG"
+    if image.size != (meta.get("width"), meta.get("height")):
+        return f"jpg is {image.size[0]}x{image.size[1]}, json says {meta.get('width')}x{meta.get('height')}"
+    if num_classes:
+        cls = data.get("cls", b"").decode(errors="replace")
+        if not cls.isdigit() or int(cls) >= num_classes:
+            return f"class index {cls!r} not in 0..{num_classes - 1}"
+    return ""
+
+
+def dali_read_all(manifest: Manifest, batch_size: int = 16, num_threads: int = 2) -> tuple[int, str]:
+    """Read every sample with DALI's webdataset reader (written index files) and CPU JPEG decoder.
+
+    Returns:
+        (samples decoded whose shape matches their JSON, error message or '').
+    """
+    from nvidia.dali import fn, pipeline_def, types
+
+    tars = [str(manifest.tar_path(s)) for s in manifest.shards]
+    idxs = [str(manifest.index_path(s)) for s in manifest.shards]
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None, prefetch_queue_depth=1)
+    def read_pipe():
+        jpg, meta = fn.readers.webdataset(paths=tars, index_paths=idxs, ext=["jpg", "json"], name="reader",
+                                          missing_component_behavior="error", random_shuffle=False)
+        return fn.decoders.image(jpg, device="cpu", output_type=types.RGB), meta
+
+    try:
+        pipe = read_pipe()
+        pipe.build()
+        total = pipe.epoch_size("reader")
+        read = 0
+        while read < total:
+            images, metas = pipe.run()
+            for i in range(min(len(images), total - read)):
+                shape = images.at(i).shape
+                meta = json.loads(bytes(metas.at(i)))
+                if shape != (meta["height"], meta["width"], 3):
+                    return read, f"DALI decoded {meta['key']} as {shape}, json says {meta['height']}x{meta['width']}x3"
+                read += 1
+    except Exception as exc:  # noqa: BLE001 - DALI raises RuntimeError with its own message for bad data
+        return 0, f"DALI failed to read the shards: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc}"
+    return read, ""
