@@ -1,0 +1,75 @@
+"""What every suite receives: the run options, the device, the sizes for full or ``--quick`` runs, shared data."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from benchmarks.profiling import profiled
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big and how long each suite runs. ``full`` is what the README's GPU numbers use; ``quick`` fits 2 CPU cores."""
+
+    # data
+    corpus_images: int
+    short_side: tuple[int, int]
+    images_per_shard: int
+    # model suite
+    arch: str
+    crop_size: int
+    model_batch: int
+    queue_sizes: tuple[int, ...]
+    # pipeline suite
+    pipeline_batches: tuple[int, ...]
+    pipeline_threads: tuple[int, ...]
+    pipeline_crop: int
+    # e2e suite
+    e2e_batch: int
+    e2e_steps: int
+    # timing
+    warmup: int
+    iters: int
+    repeats: int
+    # shards suite
+    ingest_images: int
+
+    @classmethod
+    def full(cls, cores: int) -> Sizes:
+        threads = tuple(sorted({t for t in (1, 2, 4, 8, 16, cores) if t <= max(cores, 1)}))
+        return cls(corpus_images=2048, short_side=(360, 400), images_per_shard=256, arch="resnet50", crop_size=224,
+                   model_batch=256, queue_sizes=(4096, 65536), pipeline_batches=(128, 256),
+                   pipeline_threads=threads, pipeline_crop=224, e2e_batch=256, e2e_steps=50,
+                   warmup=10, iters=10, repeats=5, ingest_images=512)
+
+    @classmethod
+    def quick(cls, cores: int) -> Sizes:
+        threads = tuple(sorted({1, max(min(cores, 2), 1)}))
+        return cls(corpus_images=48, short_side=(360, 400), images_per_shard=16, arch="resnet18", crop_size=64,
+                   model_batch=8, queue_sizes=(256,), pipeline_batches=(8,), pipeline_threads=threads,
+                   pipeline_crop=64, e2e_batch=8, e2e_steps=4, warmup=1, iters=2, repeats=3, ingest_images=64)
+
+
+@dataclass
+class Context:
+    """Options and shared state of one ``python -m benchmarks run`` invocation."""
+
+    out_dir: Path
+    quick: bool
+    device: torch.device
+    sizes: Sizes
+    profile: bool = False
+    machine: dict = field(default_factory=dict)
+    shard_dir: Path | None = None  # built once, shared by the pipeline and e2e suites
+
+    @property
+    def work_dir(self) -> Path:
+        return self.out_dir / "_data"
+
+    def profiler(self, name: str) -> contextlib.AbstractContextManager:
+        """A torch.profiler region when ``--profile`` is on, else a no-op."""
+        return profiled(name, self.out_dir / "profiles" if self.profile else None)
