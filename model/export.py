@@ -67,7 +67,8 @@ def load_checkpoint(source: str | os.PathLike | dict) -> tuple[dict[str, torch.T
             break
     else:
         state = obj
-    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    # Non-tensor entries are allowed (a module's "_extra_state", e.g. MoCo's shuffle generator state).
+    if not any(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: no model state found (expected 'model' or 'state_dict' of tensors)")
     if not config and isinstance(obj.get("arch"), str):  # the original MoCo checkpoint records only the arch
         config = {"model": {"arch": obj["arch"]}}
@@ -98,7 +99,7 @@ def backbone_state_dict(state: dict[str, torch.Tensor], arch: str) -> OrderedDic
             break
     else:
         raise CheckpointError(f"no backbone found in the checkpoint (no *conv1.weight under {', '.join(BACKBONE_PREFIXES[:-1])})")
-    trunk = OrderedDict((k[len(prefix):], v) for k, v in state.items() if k.startswith(prefix))
+    trunk = OrderedDict((k[len(prefix):], v) for k, v in state.items() if k.startswith(prefix) and isinstance(v, torch.Tensor))
     missing = [k for k in reference if k not in trunk]
     if missing:
         raise CheckpointError(f"checkpoint does not match {arch}: {len(missing)} backbone tensors missing (e.g. {prefix}{missing[0]})")
