@@ -36,6 +36,7 @@ from shards.groups import (
     is_writable_dir,
     read_group_stats,
     remove_group_files,
+    remove_torn_files,
     shard_entries,
     stats_name,
     stats_payload,
@@ -160,6 +161,7 @@ def build_shards(inputs: list[str], out_dir: str | os.PathLike, options: BuildOp
     per = options.samples_per_shard
     groups = part_groups(-(-len(sources) // per), options.part)
     recorded = options.output_options()
+    remove_torn_files(out, options.prefix, groups)
 
     todo: list[int] = []
     done: dict[int, dict[str, Any]] = {}

@@ -117,6 +117,14 @@ def remove_group_files(directory: Path, prefix: str, group: int) -> None:
             path.unlink(missing_ok=True)
 
 
+def remove_torn_files(directory: Path, prefix: str, groups: range) -> None:
+    """Delete temporary files of ``groups`` left by a killed writer (other parts' groups are left alone)."""
+    for path in directory.glob(f".{prefix}-*.partial"):
+        number = path.name[len(prefix) + 2:].split(".", 1)[0].split("-", 1)[0]
+        if number.isdigit() and int(number) in groups:
+            path.unlink(missing_ok=True)
+
+
 def shard_entries(stats: dict[str, Any], prefix: str, group: int) -> list[ShardEntry]:
     return [ShardEntry(**{**s, "stats": stats_name(prefix, group)}) for s in stats["shards"]]
 
