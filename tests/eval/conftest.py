@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from shards.manifest import Manifest, write_manifest
@@ -54,6 +55,15 @@ def write_labelled_shards(root: Path, images: list[Image.Image], labels: np.ndar
         entries.append(writer.close())
     write_manifest(Manifest(shards=entries, prefix="val", root=root, classes=[f"digit{c}" for c in range(10)]), root)
     return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: these tiny models gain nothing from more, and oversubscribed cores slow them 10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
