@@ -25,7 +25,9 @@ import config as config_lib
 import distributed
 from config import Config
 from model import MoCo, autocast_dtype, build_optimizer, lr_at, momentum_at
+from model.knn import build_knn_monitor
 from pipeline import build_train_loader
+from shards.manifest import ManifestError
 from training.checkpoint import capture_rng_state, find_resume_checkpoint, restore_rng_state, save_checkpoint
 from training.preemption import PreemptionHandler
 from training.telemetry import RunLogger
@@ -115,6 +117,7 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> dict:
             print(f"resumed from {ckpt_path} at step {step} ({pairs_seen} pairs seen)", flush=True)
         del state
 
+    knn = build_knn_monitor(cfg, dist) if cfg.run.knn_every else None
     logger = RunLogger(run_dir, config_lib.to_dict(cfg), total_steps, enabled=dist.is_main,
                        wandb_mode=cfg.run.wandb_mode, wandb_project=cfg.run.wandb_project,
                        wandb_entity=cfg.run.wandb_entity, run_id=run_id)
@@ -165,7 +168,6 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> dict:
                 torch.cuda.synchronize(dist.device)
             elapsed = time.perf_counter() - window_start
             logged = dict(zip(sums, means))
-            logged["acc1"], logged["acc5"] = 100 * logged["acc1"], 100 * logged["acc5"]
             logged.update(lr=optimizer.param_groups[0]["lr"], momentum=momentum, pairs_seen=pairs_seen,
                           pairs_per_s=window_steps * global_batch / elapsed, step_time_s=elapsed / window_steps,
                           data_wait_share=window_wait / elapsed, bad_samples=loader.bad_samples)
@@ -175,6 +177,8 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> dict:
             logger.record_step_time(elapsed / window_steps)
             sums = {k: torch.zeros_like(v) for k, v in sums.items()}
             window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
+        if knn is not None and step % cfg.run.knn_every == 0:
+            logger.log_eval(step, {"knn_top1": knn.evaluate(model.encoder_q.backbone)})
         if cfg.run.image_log_every and step % cfg.run.image_log_every == 0:
             logger.log_images(step, view_q, view_k)
         if loader.bad_samples > cfg.data.max_bad_batches:
@@ -208,7 +212,8 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = config_lib.main_guard(lambda: config_lib.parse_config(argv))
-    config_lib.main_guard(lambda: train(cfg))
+    # Mistakes in the user's input (missing shards, bad checkpoint path) are one-line errors, not tracebacks.
+    config_lib.main_guard(lambda: train(cfg), user_errors=(ManifestError, FileNotFoundError))
 
 
 if __name__ == "__main__":

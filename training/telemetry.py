@@ -104,6 +104,16 @@ class RunLogger:
             line += f"  bad samples {int(metrics['bad_samples'])}"
         print(line, flush=True)
 
+    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        """Record evaluation results (e.g. kNN top-1) at ``step``."""
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._jsonl.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        print(f"step {step:>7d}  " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()), flush=True)
+
     def log_images(self, step: int, view_q: torch.Tensor, view_k: torch.Tensor) -> None:
         """Log a grid of example (query, key) view pairs."""
         if not self.enabled or self.wandb is None:
@@ -145,8 +155,13 @@ class RunLogger:
         return summary
 
     def _plot_loss(self) -> None:
-        history = [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines() if line]
-        if not history:
+        # A resumed run appends to metrics.jsonl: the last record of a step wins.
+        by_step = {}
+        for line in (self.run_dir / "metrics.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            if "loss" in record:
+                by_step[record["step"]] = record["loss"]
+        if not by_step:
             return
         import matplotlib
 
@@ -154,7 +169,8 @@ class RunLogger:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker=".")
+        steps = sorted(by_step)
+        ax.plot(steps, [by_step[s] for s in steps], marker=".")
         ax.set_xlabel("step")
         ax.set_ylabel("InfoNCE loss")
         ax.set_title("MoCo pre-training loss")

@@ -1,0 +1,203 @@
+"""train.py end to end on the CPU: exact resume after SIGTERM and SIGKILL, W&B offline, DDP on gloo, faults.
+
+Every run here is a real subprocess (`python train.py` or torchrun) on real shards of real photos with a
+ResNet-18 at 32 px, so signals, restarts and process groups behave as in production.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distributed import free_port
+from tests.conftest import REPO, run_torchrun
+from tests.train.wandb_offline import read_offline_run
+
+pytestmark = pytest.mark.slow
+
+STEPS = 24
+
+
+def base_args(shards: Path, run_dir: Path, steps: int = STEPS, batch: int = 8, **overrides) -> list[str]:
+    args = {
+        "shards": shards, "run-dir": run_dir, "total-steps": steps, "arch": "resnet18", "crop-size": 32,
+        "batch-size": batch, "queue-size": 40, "dim": 32, "mlp-hidden-dim": 64, "num-threads": 1,
+        "shuffle-buffer": 16, "split-bn-groups": 2, "momentum": 0.99, "base-lr": 0.5, "log-every": 1,
+        "checkpoint-every-steps": 0, "checkpoint-every-minutes": 0, "image-log-every": 0, "wandb-mode": "disabled",
+        "device": "cpu", "backend": "dali", "seed": 7,
+    }
+    args.update({k.replace("_", "-"): v for k, v in overrides.items()})
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+
+
+def run_train(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *args], env=env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Loss per step from metrics.jsonl; a resumed run appends, so the last record of a step wins."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record["loss"]
+    return out
+
+
+def start_and_interrupt(args: list[str], sig: int, after_steps: int) -> subprocess.Popen:
+    """Start train.py, wait until it logged ``after_steps`` steps, send ``sig``, wait for exit."""
+    run_dir = Path(args[args.index("--run-dir") + 1])
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], env=env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    metrics = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= after_steps:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=120)
+    proc.output = proc.stdout.read()
+    return proc
+
+
+@pytest.fixture(scope="module")
+def reference_run(shard_dir, tmp_path_factory):
+    """One uninterrupted run with W&B offline and view images: the reference for the resume tests."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    run_train(base_args(shard_dir, run_dir, wandb_mode="offline", image_log_every=8))
+    return run_dir
+
+
+def test_uninterrupted_run_learns_and_leaves_a_complete_run_directory(reference_run):
+    curve = losses(reference_run)
+    assert sorted(curve) == list(range(1, STEPS + 1))
+    assert all(v == v and v < 100 for v in curve.values())  # finite
+    first, last = sum(curve[s] for s in range(1, 5)) / 4, sum(curve[s] for s in range(STEPS - 3, STEPS + 1)) / 4
+    assert last < first - 0.3, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    for name in ("config.yaml", "summary.json", "loss_curve.png", f"checkpoints/step-{STEPS:09d}.pt"):
+        assert (reference_run / name).exists(), name
+    summary = json.loads((reference_run / "summary.json").read_text())
+    assert summary["steps"] == STEPS and summary["pairs_seen"] == STEPS * 8 and summary["mean_pairs_per_s"] > 0
+
+
+def test_wandb_offline_run_has_config_metrics_at_each_step_and_view_images(reference_run):
+    (offline,) = list((reference_run / "wandb").glob("offline-run-*"))
+    config, history = read_offline_run(offline)
+    assert config["data"]["value"]["batch_size"] == 8 and config["model"]["value"]["arch"] == "resnet18"
+    loss_steps = [row["_step"] for row in history if "loss" in row]
+    assert loss_steps == list(range(1, STEPS + 1))
+    image_steps = [row["_step"] for row in history if "views/_type" in row]
+    assert image_steps == [8, 16, 24]
+    assert list((offline / "files" / "media" / "images").glob("views_*.png"))
+
+
+def test_resume_after_sigterm_is_exact(shard_dir, reference_run, tmp_path):
+    args = base_args(shard_dir, tmp_path)
+    proc = start_and_interrupt(args, signal.SIGTERM, after_steps=3)
+    assert proc.returncode == 0, proc.output[-3000:]
+    assert "preempted" in proc.output
+    stopped_at = max(losses(tmp_path))
+    assert stopped_at < STEPS and (tmp_path / f"checkpoints/step-{stopped_at:09d}.pt").exists()
+    resumed = run_train(args)
+    assert "resumed from" in resumed.stdout and f"at step {stopped_at}" in resumed.stdout
+    assert losses(tmp_path) == losses(reference_run)
+
+
+def test_resume_after_sigkill_restarts_from_last_checkpoint_exactly(shard_dir, reference_run, tmp_path):
+    args = base_args(shard_dir, tmp_path, checkpoint_every_steps=4)
+    proc = start_and_interrupt(args, signal.SIGKILL, after_steps=10)
+    assert proc.returncode == -signal.SIGKILL
+    reached = max(losses(tmp_path))
+    assert reached < STEPS
+    resumed = run_train(args)
+    assert f"at step {reached // 4 * 4}" in resumed.stdout
+    assert losses(tmp_path) == losses(reference_run)
+
+
+def test_runs_with_wandb_disabled_and_with_wandb_not_installed(shard_dir, tmp_path):
+    run_train(base_args(shard_dir, tmp_path / "disabled", steps=3))
+    assert not (tmp_path / "disabled" / "wandb").exists()
+    code = ("import sys; sys.modules['wandb'] = None; import train; "
+            f"train.main({base_args(shard_dir, tmp_path / 'absent', steps=3, wandb_mode='offline')!r})")
+    proc = subprocess.run([sys.executable, "-c", code], env=env(), cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wandb is not installed" in proc.stderr
+    assert sorted(losses(tmp_path / "absent")) == [1, 2, 3]
+
+
+def test_bad_flags_and_batch_not_divisible_by_world_size_are_one_line_errors(shard_dir, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+         str(REPO / "train.py"), *base_args(shard_dir, tmp_path / "odd", batch=7)],
+        env=env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "error: data.batch_size=7 is not divisible by the world size 2" in proc.stderr
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--shards", str(tmp_path / "missing")],
+                          env=env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error:" in proc.stderr and "missing" in proc.stderr
+
+
+def test_two_ranks_train_on_disjoint_data_and_checkpoint(shard_dir, tmp_path):
+    run_torchrun(REPO / "train.py", nproc=2, args=base_args(shard_dir, tmp_path, steps=6), timeout=300)
+    curve = losses(tmp_path)
+    assert sorted(curve) == list(range(1, 7)) and all(v == v for v in curve.values())
+    from training.checkpoint import load_checkpoint
+
+    state = load_checkpoint(tmp_path / "checkpoints" / f"step-{6:09d}.pt")
+    assert state["world_size"] == 2 and len(state["loader"]) == 2
+    shards_of = [set(s["shards"]) for s in state["loader"]]
+    assert shards_of[0] and shards_of[1] and not shards_of[0] & shards_of[1]
+
+
+def test_two_nodes_of_two_ranks_agree_with_one_node_of_four(shard_dir, tmp_path):
+    steps = 4
+    run_torchrun(REPO / "train.py", nproc=4, args=base_args(shard_dir, tmp_path / "one", steps=steps), timeout=400)
+    port = free_port()
+    nodes = []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=2",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=moco-test",
+               str(REPO / "train.py"), *base_args(shard_dir, tmp_path / "two", steps=steps)]
+        nodes.append(subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    for proc in nodes:
+        out, _ = proc.communicate(timeout=400)
+        assert proc.returncode == 0, out[-3000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == list(range(1, steps + 1))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-5)
+
+
+def test_a_dead_rank_fails_the_job_fast_and_max_restarts_recovers(shard_dir, tmp_path):
+    args = base_args(shard_dir, tmp_path, steps=40, checkpoint_every_steps=3, dist_timeout_s=30)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+           "--max-restarts=1", str(REPO / "train.py"), *args]
+    proc = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 200
+    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        time.sleep(0.1)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert workers, "no worker processes found"
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "resumed from" in out
+    assert max(losses(tmp_path)) == 40
