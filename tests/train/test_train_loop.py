@@ -170,7 +170,7 @@ def test_two_nodes_of_two_ranks_agree_with_one_node_of_four(shard_dir, tmp_path)
     run_torchrun(REPO / "train.py", nproc=4, args=base_args(shard_dir, tmp_path / "one", steps=steps), timeout=400)
     port = free_port()
     nodes = []
-    for node in range(2):
+    for _node in range(2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=2",
                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=moco-test",
                str(REPO / "train.py"), *base_args(shard_dir, tmp_path / "two", steps=steps)]
