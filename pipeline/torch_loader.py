@@ -1,0 +1,174 @@
+"""The plain PyTorch backend: webdataset tar reading + torchvision.transforms.v2 + DataLoader workers.
+
+The baseline for the benchmarks and the fallback where DALI is absent; same recipe, same per-rank shard
+plan. Within a pass, the rank's shards are dealt round-robin to ``W`` streams (one per DataLoader worker,
+``W = min(num_threads, shards of this rank)``). Each stream cycles through its shards forever (reshuffled
+every cycle), so the DataLoader's strict round-robin makes batch ``j`` of the pass come from stream
+``j % W``. Every random draw is seeded from (seed, pass, rank, stream, sample position), so a resumed
+stream skips the samples it already consumed without decoding them and then produces the same bits.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+from config import Config
+from distributed import DistInfo
+from pipeline.assignment import derive_seed
+from pipeline.bad_samples import location
+from pipeline.loader import TrainLoader
+from pipeline.recipes import Recipe
+from shards.writer import read_index
+
+
+def build_view_transform(recipe: Recipe, size: int) -> v2.Compose:
+    """One view's torchvision v2 transform on a uint8 3 x H x W tensor (normalisation happens on the device)."""
+    jitter = v2.ColorJitter(recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue)
+    gray = v2.RandomGrayscale(p=recipe.grayscale_p)
+    steps: list[Any] = [v2.RandomResizedCrop(size, scale=recipe.crop_scale, ratio=recipe.crop_ratio, antialias=True)]
+    color = [v2.RandomApply([jitter], p=recipe.jitter_p)]
+    steps += [gray, *color] if recipe.grayscale_first else [*color, gray]
+    if recipe.blur_p > 0:
+        # The kernel covers +-3 sigma of the largest sigma, as DALI's default window does per sample.
+        kernel = 2 * int(-(-3 * recipe.blur_sigma[1] // 1)) + 1
+        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=recipe.blur_sigma)], p=recipe.blur_p))
+    steps.append(v2.RandomHorizontalFlip(p=recipe.flip_p))
+    return v2.Compose(steps)
+
+
+def _one_thread_per_worker(_: int) -> None:
+    torch.set_num_threads(1)  # parallelism comes from the workers; intra-op threads would oversubscribe the cores
+
+
+class _PassStreams(IterableDataset):
+    """The streams of one pass on one rank; DataLoader worker ``w`` runs stream ``(w + rotate) % W``."""
+
+    def __init__(self, shard_urls: list[str], num_streams: int, batch: int, recipe: Recipe, size: int,
+                 buffer: int, seed_parts: tuple, skip: list[int], rotate: int):
+        self.shard_urls, self.num_streams, self.batch = shard_urls, num_streams, batch
+        self.recipe, self.size, self.buffer, self.seed_parts = recipe, size, buffer, seed_parts
+        self.skip, self.rotate = skip, rotate
+
+    def _raw(self, stream: int) -> Iterator[dict]:
+        """Samples of this stream's shards, cycling, through a seeded shuffle buffer."""
+        mine = self.shard_urls[stream::self.num_streams]
+        rng = random.Random(derive_seed("buffer", *self.seed_parts, stream))
+        buf: list[dict] = []
+        cycle = 0
+        while True:
+            order = list(mine)
+            random.Random(derive_seed("cycle", *self.seed_parts, stream, cycle)).shuffle(order)
+            for sample in wds.tariterators.tarfile_samples([{"url": u} for u in order]):
+                if self.buffer <= 1:
+                    yield sample
+                    continue
+                buf.append(sample)
+                if len(buf) >= self.buffer:
+                    i = rng.randrange(len(buf))
+                    buf[i], buf[-1] = buf[-1], buf[i]
+                    yield buf.pop()
+            cycle += 1
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        stream = (worker + self.rotate) % self.num_streams
+        transform = build_view_transform(self.recipe, self.size)
+        offsets: dict[str, dict[str, int]] = {}
+        views_q, views_k, bad = [], [], []
+        for position, sample in enumerate(self._raw(stream)):
+            if position < self.skip[stream]:
+                continue
+            try:
+                data = torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    image = decode_image(data, mode=ImageReadMode.RGB)
+            except Exception:  # noqa: BLE001 - any decoder failure: count the sample and skip it
+                url = sample["__url__"]
+                if url not in offsets:
+                    offsets[url] = {f[3]: f[1] for r in read_index(url[:-4] + ".idx") for f in r.files}
+                name = f"{sample['__key__'].rsplit('/', 1)[-1]}.jpg"
+                bad.append(location(url, offsets[url].get(name, -1), name))
+                continue
+            torch.manual_seed(derive_seed("view", *self.seed_parts, stream, position))
+            views_q.append(transform(image))
+            views_k.append(transform(image))
+            if len(views_q) == self.batch:
+                yield torch.stack(views_q), torch.stack(views_k), stream, position + 1, bad
+                views_q, views_k, bad = [], [], []
+
+
+class TorchLoader(TrainLoader):
+    """PyTorch DataLoader two-view loader; views are normalised and cast on ``dist.device``."""
+
+    backend = "pytorch"
+
+    def __init__(self, cfg: Config, dist: DistInfo):
+        super().__init__(cfg, dist)
+        self._iter: Iterator | None = None
+        self._loader: DataLoader | None = None
+        self.consumed: list[int] = []  # raw samples consumed per stream in this pass (the resume position)
+        mean = torch.tensor(self.recipe.mean).view(1, 3, 1, 1) * 255
+        std = torch.tensor(self.recipe.std).view(1, 3, 1, 1) * 255
+        self._mean, self._std = mean.to(self.device), std.to(self.device)
+
+    def _num_streams(self) -> int:
+        return max(1, min(self.cfg.data.num_threads, len(self.my_shards(self.pass_index))))
+
+    def _open(self) -> None:
+        shards = self.my_shards(self.pass_index)
+        urls = [str(self.manifest.tar_path(self.manifest.shards[i])) for i in shards]
+        streams = self._num_streams()
+        if len(self.consumed) != streams:
+            self.consumed = [0] * streams
+        dataset = _PassStreams(
+            urls, streams, self.local_batch_size, self.recipe, self.cfg.data.crop_size,
+            max(1, self.cfg.data.shuffle_buffer // streams), (self.cfg.run.seed, self.pass_index, self.dist.rank),
+            list(self.consumed), rotate=self.batch_in_pass % streams)
+        self._loader = DataLoader(
+            dataset, batch_size=None, num_workers=streams, prefetch_factor=self.cfg.data.prefetch,
+            pin_memory=self.device.type == "cuda", persistent_workers=False, worker_init_fn=_one_thread_per_worker,
+            multiprocessing_context="fork" if torch.multiprocessing.get_start_method(True) in (None, "fork") else None)
+        self._iter = iter(self._loader)
+
+    def _start_pass(self) -> None:
+        self._shutdown()
+        self.consumed = []
+
+    def _shutdown(self) -> None:
+        self._iter = None
+        self._loader = None
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._iter is None:
+            self._open()
+        q, k, stream, consumed, bad = next(self._iter)
+        self.consumed[stream] = consumed
+        for loc in bad:
+            self.bad.add(loc)
+        return self._normalise(q), self._normalise(k)
+
+    def _normalise(self, views: torch.Tensor) -> torch.Tensor:
+        """uint8 N x 3 x S x S -> normalised, on the device, in the training dtype and memory format."""
+        views = views.to(self.device, non_blocking=True).float()
+        return self.finish((views - self._mean) / self._std)
+
+    def _backend_state(self) -> dict[str, Any]:
+        return {"consumed": list(self.consumed)}
+
+    def _load_backend_state(self, state: dict[str, Any]) -> None:
+        self._shutdown()
+        self.consumed = [int(c) for c in state["consumed"]]
+
+    def close(self) -> None:
+        self._shutdown()
