@@ -29,11 +29,12 @@ from model.moco import MoCoOutput, QueryForward
 class BaselineMoCo(nn.Module):
     """The original structure; see the module docstring. Args: cfg: a ModelConfig (shuffle_bn is ignored)."""
 
-    def __init__(self, cfg, queue_dtype: torch.dtype | None = None, seed: int = 0) -> None:
+    def __init__(self, cfg, queue_dtype: torch.dtype | None = None, seed: int = 0,
+                 encoder: nn.Module | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.K, self.T = cfg.queue_size, cfg.temperature
-        self.encoder_q = build_encoder(cfg.arch, cfg.head, cfg.dim, cfg.mlp_hidden_dim)
+        self.encoder_q = encoder or build_encoder(cfg.arch, cfg.head, cfg.dim, cfg.mlp_hidden_dim)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for p in self.encoder_k.parameters():
             p.requires_grad = False

@@ -67,8 +67,10 @@ def convert_split_bn(module: nn.Module, groups: int) -> nn.Module:
     if type(module) is nn.BatchNorm2d:
         split = SplitBatchNorm2d(module.num_features, groups, eps=module.eps, momentum=module.momentum,
                                  affine=module.affine, track_running_stats=module.track_running_stats)
+        like = next(iter(module.state_dict().values()), None)
+        if like is not None:
+            split.to(device=like.device, dtype=like.dtype)
         split.load_state_dict(module.state_dict())
-        split.to(device=module.weight.device if module.affine else None)
         split.train(module.training)
         return split
     for name, child in module.named_children():

@@ -18,13 +18,14 @@ def info_nce_logits(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, t
         temperature: T.
 
     Returns:
-        N x (1+K) logits / T in float32 (the N x K GEMM runs in the autocast dtype when autocast is on).
+        N x (1+K) logits / T in at least float32 (the N x K GEMM runs in the autocast dtype when autocast is on).
     """
     l_pos = (q * k.to(q.dtype)).sum(dim=1, keepdim=True)  # N x 1
     if active_autocast_dtype(q.device.type) is None:
         negatives = negatives.to(q.dtype)  # no-op unless the queue is stored in another dtype
     l_neg = q @ negatives.T  # N x K, one GEMM (bf16/fp16 under autocast)
-    return torch.cat([l_pos.float(), l_neg.float()], dim=1) / temperature
+    out_dtype = torch.promote_types(q.dtype, torch.float32)  # fp32 logits under autocast, fp64 in fp64 tests
+    return torch.cat([l_pos.to(out_dtype), l_neg.to(out_dtype)], dim=1) / temperature
 
 
 def info_nce_loss(logits: torch.Tensor) -> torch.Tensor:

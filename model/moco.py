@@ -66,16 +66,19 @@ class MoCo(nn.Module):
         queue_dtype: dtype of the stored keys. None: float32 until the first training step under autocast,
             which switches the queue to the autocast dtype once, so ``q @ queue.T`` needs no cast copy.
         seed: seed of the shuffle permutation generator; must be the same on every rank.
+        encoder: a prebuilt query encoder (images -> N x cfg.dim, e.g. an :class:`Encoder` with a small
+            backbone in tests) used instead of building ``cfg.arch``; it is taken over, not copied.
     """
 
-    def __init__(self, cfg, queue_dtype: torch.dtype | None = None, seed: int = 0) -> None:
+    def __init__(self, cfg, queue_dtype: torch.dtype | None = None, seed: int = 0,
+                 encoder: nn.Module | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.shuffle_bn = resolve_strategy(cfg.shuffle_bn, dist.world_size())
         self.temperature = cfg.temperature
         self.symmetric = cfg.symmetric
 
-        self.encoder_q = build_encoder(cfg.arch, cfg.head, cfg.dim, cfg.mlp_hidden_dim)
+        self.encoder_q = encoder or build_encoder(cfg.arch, cfg.head, cfg.dim, cfg.mlp_hidden_dim)
         if self.shuffle_bn == "split":
             convert_split_bn(self.encoder_q, cfg.split_bn_groups)
         self.encoder_k = copy.deepcopy(self.encoder_q)
