@@ -167,7 +167,7 @@ def run_linear_eval(cfg: LinearEvalConfig, dist: distributed.DistInfo,
     per_rank = cfg.batch_size // dist.world_size
 
     with torch.no_grad():
-        feature_dim = pooled_features(backbone, torch.zeros(1, 3, cfg.train_crop, cfg.train_crop, device=device)).shape[1]
+        feature_dim = pooled_features(backbone, torch.zeros(2, 3, cfg.train_crop, cfg.train_crop, device=device)).shape[1]
     classifier = build_linear_classifier(feature_dim, train_set.num_classes).to(device)
     distributed.broadcast(classifier.weight.data)  # identical init everywhere (DDP would also do this)
     trained = classifier

@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+import config as config_lib
+from model.moco import MoCo
 from shards.manifest import Manifest, write_manifest
 from shards.writer import ShardWriter
 
@@ -55,6 +57,24 @@ def write_labelled_shards(root: Path, images: list[Image.Image], labels: np.ndar
         entries.append(writer.close())
     write_manifest(Manifest(shards=entries, prefix="val", root=root, classes=[f"digit{c}" for c in range(10)]), root)
     return root
+
+
+def moco_checkpoint(path, arch: str = "resnet18", seed: int = 0, train_steps: int = 1):
+    """A checkpoint as train.py writes it, after a few real momentum updates (so encoder_q != encoder_k)."""
+    cfg = config_lib.replace(config_lib.Config(), model={"arch": arch, "queue_size": 64, "mlp_hidden_dim": 32,
+                                                         "dim": 16, "momentum": 0.5, "split_bn_groups": 2})
+    torch.manual_seed(seed)
+    model = MoCo(cfg.model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    for _ in range(train_steps):
+        views = torch.randn(2, 8, 3, 32, 32)
+        out = model(views[0], views[1], momentum=0.5)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    torch.save({"model": model.state_dict(), "step": train_steps, "config": config_lib.to_dict(cfg)}, path)
+    return model
 
 
 @pytest.fixture(scope="module", autouse=True)

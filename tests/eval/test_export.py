@@ -10,30 +10,11 @@ import pytest
 import torch
 import torchvision
 
-import config as config_lib
 from model.export import CheckpointError, backbone_state_dict, export, load_backbone, load_checkpoint, to_detectron2
 from model.export import main as export_main
 from model.labelled_data import LabelledImages, eval_transform
-from model.moco import MoCo
 from tests.conftest import REPO
-
-
-def moco_checkpoint(path, arch: str = "resnet18", seed: int = 0, train_steps: int = 1):
-    """A checkpoint as train.py writes it, after a few real momentum updates (so encoder_q != encoder_k)."""
-    cfg = config_lib.replace(config_lib.Config(), model={"arch": arch, "queue_size": 64, "mlp_hidden_dim": 32,
-                                                         "dim": 16, "momentum": 0.5, "split_bn_groups": 2})
-    torch.manual_seed(seed)
-    model = MoCo(cfg.model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    model.train()
-    for _ in range(train_steps):
-        views = torch.randn(2, 8, 3, 32, 32)
-        out = model(views[0], views[1], momentum=0.5)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-    torch.save({"model": model.state_dict(), "step": train_steps, "config": config_lib.to_dict(cfg)}, path)
-    return model
+from tests.eval.conftest import moco_checkpoint
 
 
 @pytest.fixture(scope="module")
