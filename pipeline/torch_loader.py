@@ -45,6 +45,9 @@ def build_view_transform(recipe: Recipe, size: int) -> v2.Compose:
     return v2.Compose(steps)
 
 
+_MAX_FAILURES_IN_A_ROW = 1000  # a stream that decodes nothing would otherwise spin forever
+
+
 def _one_thread_per_worker(_: int) -> None:
     torch.set_num_threads(1)  # parallelism comes from the workers; intra-op threads would oversubscribe the cores
 
@@ -52,9 +55,9 @@ def _one_thread_per_worker(_: int) -> None:
 class _PassStreams(IterableDataset):
     """The streams of one pass on one rank; DataLoader worker ``w`` runs stream ``(w + rotate) % W``."""
 
-    def __init__(self, shard_urls: list[str], num_streams: int, batch: int, recipe: Recipe, size: int,
-                 buffer: int, seed_parts: tuple, skip: list[int], rotate: int):
-        self.shard_urls, self.num_streams, self.batch = shard_urls, num_streams, batch
+    def __init__(self, shard_urls: list[str], index_of: dict[str, str], num_streams: int, batch: int, recipe: Recipe,
+                 size: int, buffer: int, seed_parts: tuple, skip: list[int], rotate: int):
+        self.shard_urls, self.index_of, self.num_streams, self.batch = shard_urls, index_of, num_streams, batch
         self.recipe, self.size, self.buffer, self.seed_parts = recipe, size, buffer, seed_parts
         self.skip, self.rotate = skip, rotate
 
@@ -85,6 +88,7 @@ class _PassStreams(IterableDataset):
         transform = build_view_transform(self.recipe, self.size)
         offsets: dict[str, dict[str, int]] = {}
         views_q, views_k, bad = [], [], []
+        failures_in_a_row = 0
         for position, sample in enumerate(self._raw(stream)):
             if position < self.skip[stream]:
                 continue
@@ -96,10 +100,16 @@ class _PassStreams(IterableDataset):
             except Exception:  # noqa: BLE001 - any decoder failure: count the sample and skip it
                 url = sample["__url__"]
                 if url not in offsets:
-                    offsets[url] = {f[3]: f[1] for r in read_index(url[:-4] + ".idx") for f in r.files}
+                    offsets[url] = {f[3]: f[1] for r in read_index(self.index_of[url]) for f in r.files}
                 name = f"{sample['__key__'].rsplit('/', 1)[-1]}.jpg"
                 bad.append(location(url, offsets[url].get(name, -1), name))
+                failures_in_a_row += 1
+                if failures_in_a_row > _MAX_FAILURES_IN_A_ROW:
+                    shards = ", ".join(self.shard_urls[stream::self.num_streams])
+                    raise RuntimeError(f"{failures_in_a_row} undecodable samples in a row in {shards}; "
+                                       "the shards look broken") from None
                 continue
+            failures_in_a_row = 0
             torch.manual_seed(derive_seed("view", *self.seed_parts, stream, position))
             views_q.append(transform(image))
             views_k.append(transform(image))
@@ -127,12 +137,14 @@ class TorchLoader(TrainLoader):
 
     def _open(self) -> None:
         shards = self.my_shards(self.pass_index)
-        urls = [str(self.manifest.tar_path(self.manifest.shards[i])) for i in shards]
+        entries = [self.manifest.shards[i] for i in shards]
+        urls = [str(self.manifest.tar_path(e)) for e in entries]
+        index_of = {str(self.manifest.tar_path(e)): str(self.manifest.index_path(e)) for e in entries}
         streams = self._num_streams()
         if len(self.consumed) != streams:
             self.consumed = [0] * streams
         dataset = _PassStreams(
-            urls, streams, self.local_batch_size, self.recipe, self.cfg.data.crop_size,
+            urls, index_of, streams, self.local_batch_size, self.recipe, self.cfg.data.crop_size,
             max(1, self.cfg.data.shuffle_buffer // streams), (self.cfg.run.seed, self.pass_index, self.dist.rank),
             list(self.consumed), rotate=self.batch_in_pass % streams)
         self._loader = DataLoader(
