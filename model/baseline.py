@@ -84,7 +84,7 @@ class BaselineMoCo(nn.Module):
             k = self._batch_unshuffle(k, idx_unshuffle)
         l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
         l_neg = torch.einsum("nc,ck->nk", q, self.queue.clone().detach())
-        logits = torch.cat([l_pos, l_neg], dim=1).float() / self.T
+        logits = torch.cat([l_pos, l_neg], dim=1).to(torch.promote_types(q.dtype, torch.float32)) / self.T
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         loss = F.cross_entropy(logits, labels)
         acc1, acc5 = contrastive_accuracy(logits.detach())
