@@ -21,6 +21,15 @@ DataLoader workers). A benchmark picks one explicitly with ``config.replace(cfg,
 "dali_device": "cpu", "num_threads": 8})``. All read the recipes in :mod:`pipeline.recipes` and the shard
 plan in :mod:`pipeline.assignment`.
 
+Design choices, explained where they live: ColorJitter's random order is not replicated in DALI because
+with the contrast centred on the mean luma the four jitter operations commute, so a fixed order gives the
+same result up to clamping (:mod:`pipeline.dali_graph`); ranks with more samples are truncated to the
+common batch count rather than short ranks padded with repeats (:mod:`pipeline.assignment`); a corrupt
+sample is located by replaying the reader and excluded through a filtered copy of its index
+(:mod:`pipeline.dali_loader`). DALI's shuffle buffer keeps reading across the end of a rank's shard list,
+so a pass may draw a few samples of the (identical) next round of those shards before the last of this
+one; the pass boundary is where the shards are re-dealt and the reader rebuilt.
+
 Decode once, crop twice vs ROI decode (``data.view_decode``). MoCo needs two crops of the same image. With
 ``once`` each JPEG is decoded fully a single time and both views are cropped from the decoded image; with
 ``roi`` each view calls ``decoders.image_random_crop``, which decodes only the crop window, but pays the
