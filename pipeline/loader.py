@@ -116,6 +116,7 @@ class TrainLoader:
             "version": STATE_VERSION, "backend": self.backend, "world_size": self.dist.world_size,
             "rank": self.dist.rank, "seed": self.cfg.run.seed, "local_batch_size": self.local_batch_size,
             "pass_index": self.pass_index, "batch_in_pass": self.batch_in_pass,
+            "shards": self.my_shards(self.pass_index),  # this pass's shard indices (informational: logs, tests)
             "bad_sample_locations": list(self.bad.locations), "bad_batches": self.bad.bad_batches,
             **self._backend_state(),
         }
