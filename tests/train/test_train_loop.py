@@ -98,7 +98,8 @@ def test_uninterrupted_run_learns_and_leaves_a_complete_run_directory(reference_
 def test_wandb_offline_run_has_config_metrics_at_each_step_and_view_images(reference_run):
     (offline,) = list((reference_run / "wandb").glob("offline-run-*"))
     config, history = read_offline_run(offline)
-    assert config["data"]["value"]["batch_size"] == 8 and config["model"]["value"]["arch"] == "resnet18"
+    config = {k: v.get("value", v) if isinstance(v, dict) else v for k, v in config.items()}
+    assert config["data"]["batch_size"] == 8 and config["model"]["arch"] == "resnet18"
     loss_steps = [row["_step"] for row in history if "loss" in row]
     assert loss_steps == list(range(1, STEPS + 1))
     image_steps = [row["_step"] for row in history if "views/_type" in row]
