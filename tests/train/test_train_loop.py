@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -142,16 +143,20 @@ def test_runs_with_wandb_disabled_and_with_wandb_not_installed(shard_dir, tmp_pa
 
 
 def test_bad_flags_and_batch_not_divisible_by_world_size_are_one_line_errors(shard_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(shard_dir, broken)
+    sorted(broken.glob("*.tar"))[1].unlink()
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
          str(REPO / "train.py"), *base_args(shard_dir, tmp_path / "odd", batch=7)],
         env=env(), cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "error: data.batch_size=7 is not divisible by the world size 2" in proc.stderr
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--shards", str(tmp_path / "missing")],
-                          env=env(), cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "error:" in proc.stderr and "missing" in proc.stderr
+    for shards, expected in ((tmp_path / "nowhere", "shard manifest not found"), (broken, "missing shard")):
+        proc = subprocess.run([sys.executable, str(REPO / "train.py"), *base_args(shards, tmp_path / "run")],
+                              env=env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.startswith("error: ") and expected in proc.stderr
 
 
 def test_two_ranks_train_on_disjoint_data_and_checkpoint(shard_dir, tmp_path):
