@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torchvision
 
 
 class MoCoProjectionHead(nn.Module):
@@ -51,6 +50,8 @@ def build_backbone(arch: str) -> tuple[nn.Module, int]:
     Returns:
         (backbone mapping N x 3 x H x W -> N x feat_dim, feat_dim).
     """
+    import torchvision  # here, not at the top: worker processes that bring their own encoder skip its import time
+
     try:
         net = torchvision.models.get_model(arch, weights=None)
     except ValueError:

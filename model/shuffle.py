@@ -77,6 +77,18 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
+def _rowwise(images: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Apply a row exchange/selection ``fn`` to images without losing channels_last.
+
+    Collectives call ``.contiguous()``, which would turn a channels_last batch into NCHW (a copy, and the
+    encoder would convert it back). A channels_last N x C x H x W batch is a contiguous N x H x W x C one, so
+    ``fn`` gets that and its result is viewed back as channels_last N x C x H x W.
+    """
+    if images.dim() == 4 and not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last):
+        return fn(images.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    return fn(images)
+
+
 def traffic_bytes(strategy: str, world: int, batch_per_rank: int, image_bytes: int, key_bytes: int,
                   bn_channels: int = 0) -> dict[str, float]:
     """Bytes one rank receives per step for the key path of ``strategy`` (payload only, expected value).
@@ -158,7 +170,7 @@ class SplitShuffle(ShuffleBN):
 
     def keys(self, encode: Encode, images: torch.Tensor, perm=None) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.draw(images.shape[0], perm)
-        shuffled = images.index_select(0, _to_device(p, images.device))
+        shuffled = images[_to_device(p, images.device)]  # advanced indexing keeps channels_last
         k_shuffled = encode(shuffled)  # B x C, row t is sample p[t]
         k = k_shuffled.index_select(0, _to_device(np.argsort(p), images.device))
         return k, dist.all_gather(k)
@@ -183,8 +195,8 @@ class GatherShuffle(_GlobalShuffle):
     def keys(self, encode: Encode, images: torch.Tensor, perm=None) -> tuple[torch.Tensor, torch.Tensor]:
         batch, world, r = images.shape[0], dist.world_size(), dist.rank()
         p = dist.broadcast(_to_device(self.draw(world * batch, perm), images.device), src=0)
-        images_all = dist.all_gather(images)  # N x 3 x H x W
-        shuffled = images_all.index_select(0, p[r * batch:(r + 1) * batch])
+        mine = p[r * batch:(r + 1) * batch]
+        shuffled = _rowwise(images, lambda x: dist.all_gather(x)[mine])  # all N images in, our B slots out
         return self._unshuffle(encode, shuffled, torch.argsort(p), batch)
 
 
@@ -198,8 +210,8 @@ class AllToAllShuffle(_GlobalShuffle):
         p = self.draw(world * batch, perm)
         send_rows, send_counts, recv_counts, recv_inverse = all_to_all_plan(p, world, r)
         device = images.device
-        received = dist.all_to_all(images.index_select(0, _to_device(send_rows, device)), send_counts, recv_counts)
-        shuffled = received.index_select(0, _to_device(recv_inverse, device))
+        send_idx, recv_idx = _to_device(send_rows, device), _to_device(recv_inverse, device)
+        shuffled = _rowwise(images, lambda x: dist.all_to_all(x[send_idx], send_counts, recv_counts)[recv_idx])
         return self._unshuffle(encode, shuffled, _to_device(np.argsort(p), device), batch)
 
 

@@ -26,12 +26,16 @@ for strategy in ("gather", "all_to_all"):
     cfg = tiny_config(queue_size=QUEUE, shuffle_bn=strategy)
     torch.manual_seed(0)
     model = MoCo(cfg.model, encoder=tiny_encoder(cfg)).double()
+    # all_to_all also runs channels_last (its exchange keeps the layout), gather the default layout
+    layout = torch.channels_last if strategy == "all_to_all" else torch.contiguous_format
+    model.to(memory_format=layout)
     model.wrap_query_encoder(lambda m: DDP(m))
     opt = build_optimizer(cfg.optim, model, LR)
     logits, losses = [], []
     for step in range(STEPS):
         rows = slice(r * batch, (r + 1) * batch)
-        out = model(views_q[step][rows], views_k[step][rows], momentum=0.9, perm=perms[step])
+        view_q, view_k = (v[step][rows].contiguous(memory_format=layout) for v in (views_q, views_k))
+        out = model(view_q, view_k, momentum=0.9, perm=perms[step])
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()

@@ -52,6 +52,17 @@ def test_no_host_sync_in_the_step(photo_dir, strategy):
     assert out.acc1.dim() == out.acc5.dim() == 0 and 0 <= out.acc1.item() <= out.acc5.item() <= 100
 
 
+@pytest.mark.parametrize("strategy", ["split", "gather", "all_to_all"])
+def test_shuffled_keys_stay_channels_last(strategy):
+    cfg = tiny_config(queue_size=10, shuffle_bn=strategy, split_bn_groups=2)
+    model = MoCo(cfg.model, encoder=tiny_encoder(cfg)).to(memory_format=torch.channels_last)
+    seen = []
+    model.encoder_k.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    x = [torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last) for _ in range(2)]
+    model(x[0], x[1])
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
+
+
 def test_the_trap_catches_a_baseline_sync(photo_dir):
     model = BaselineMoCo(tiny_config(queue_size=8).model, encoder=tiny_encoder(tiny_config()))
     views_q, views_k = make_views(photo_dir, 1, 4)
@@ -83,13 +94,13 @@ def test_no_cuda_sync_in_the_step(strategy):
 
 
 def test_bf16_autocast_loss_close_to_fp32(photo_dir):
-    cfg = tiny_config(arch="resnet18", queue_size=64, shuffle_bn="split", split_bn_groups=2)
+    cfg = tiny_config(queue_size=64, shuffle_bn="split", split_bn_groups=2, dim=32, mlp_hidden_dim=64)
     torch.manual_seed(0)
-    fp32 = MoCo(cfg.model)
-    bf16 = MoCo(cfg.model)
+    fp32 = MoCo(cfg.model, encoder=tiny_encoder(cfg))
+    bf16 = MoCo(cfg.model, encoder=tiny_encoder(cfg))
     bf16.load_state_dict(fp32.state_dict())
-    views_q, views_k = make_views(photo_dir, 1, 8)
-    perm = make_perms(1, 8)[0]
+    views_q, views_k = make_views(photo_dir, 1, 16)
+    perm = make_perms(1, 16)[0]
     ref = fp32(views_q[0], views_k[0], perm=perm)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = bf16(views_q[0], views_k[0], perm=perm)
