@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", action="store_true",
                      help="wrap each measured region in torch.profiler; traces in <out>/profiles (slows timings)")
     run.add_argument("--wandb", action="store_true", help="also log every suite's rows to W&B (WANDB_MODE applies)")
+    run.add_argument("--torch-threads", type=int, default=0,
+                     help="torch intra-op threads (0: torch's default; --quick on a CPU: 1, because on a shared "
+                          "2-core machine two OpenMP threads that spin-wait for each other run a step 5-10x slower)")
     val = sub.add_parser("validate", help="check benchmark JSON files against the schema")
     val.add_argument("files", nargs="+")
     return parser
@@ -85,7 +88,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         print("error: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    if args.torch_threads < 0:
+        print("error: --torch-threads must be >= 0", file=sys.stderr)
+        return 2
+    if args.torch_threads or (args.quick and device.type == "cpu"):
+        torch.set_num_threads(args.torch_threads or 1)
     machine = machine_info()
+    machine["torch_threads"] = torch.get_num_threads()
     sizes = Sizes.quick(machine["cpu_cores"]) if args.quick else Sizes.full(machine["cpu_cores"])
     ctx = Context(out_dir=Path(args.out), quick=args.quick, device=device, sizes=sizes, profile=args.profile,
                   machine=machine)

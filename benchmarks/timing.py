@@ -98,6 +98,29 @@ def measure(fn: Callable[[], object], *, items_per_call: int, warmup: int, iters
     return Throughput(items_per_s=rates, seconds_per_call=seconds)
 
 
+def measure_interleaved(fns: dict[str, Callable[[], object]], *, items_per_call: int, iters: int, repeats: int,
+                        device: torch.device | str | None = None) -> dict[str, Throughput]:
+    """Time several already warmed-up ``fns`` in alternating rounds: round r times every fn once.
+
+    On a shared or thermally throttling machine the speed drifts over seconds; timing configurations one
+    after the other turns that drift into fake differences, alternating rounds spreads it over all of them,
+    so ours and the baseline see the same conditions. Args as in :func:`measure` (no warm-up here).
+    """
+    if iters < 1 or repeats < 1:
+        raise ValueError(f"need iters >= 1 and repeats >= 1; got {iters}, {repeats}")
+    per_call: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            synchronize(device)
+            per_call[name].append((time.perf_counter() - start) / iters)
+    return {name: Throughput(items_per_s=Stats.of([items_per_call / x for x in xs]), seconds_per_call=Stats.of(xs))
+            for name, xs in per_call.items()}
+
+
 class StepClock:
     """Per-step timestamps for a loop: how long each step waited for data and how long it took in all.
 

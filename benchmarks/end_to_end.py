@@ -1,0 +1,132 @@
+"""End-to-end suite: the real training step fed by the real loader from shards, for a fixed number of steps.
+
+Built exactly as ``train.py`` builds a run (loader, ``MoCo``, ``build_optimizer``, autocast, ``train.train_step``)
+without checkpoints or logging. After ``warmup`` steps, ``steps`` steps are timed one by one: the wait for
+the next batch (host blocked in ``next()`` while the device is idle, because the previous step was
+synchronised) and the whole step. Reported: pairs/s over the timed steps, the share of time spent waiting for
+data, step-time p50/p90/p99 and the GPU utilisation NVML reports (``torch.cuda.utilization``, when pynvml is
+installed). The PyTorch loader backend runs the same loop in the same run as the baseline.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import torch
+
+import config as config_lib
+from benchmarks.context import Context
+from benchmarks.data import bench_shards
+from benchmarks.pipeline_throughput import backends
+from benchmarks.report import Column, SuiteResult
+from benchmarks.timing import Stats, StepClock, percentile
+from distributed import DistInfo
+
+COLUMNS = [
+    Column("pairs_per_s", "pairs/s", "{:,.1f}"),
+    Column("data_wait_share", "data wait", "{:.1%}"),
+    Column("step_ms_p50", "step p50 ms", "{:,.1f}"),
+    Column("step_ms_p90", "p90 ms", "{:,.1f}"),
+    Column("step_ms_p99", "p99 ms", "{:,.1f}"),
+    Column("gpu_util_pct", "GPU util %", "{:.0f}"),
+]
+
+
+def _gpu_utilization(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    try:
+        return float(torch.cuda.utilization(device))
+    except Exception:  # pynvml missing or NVML unavailable: not measurable here
+        return None
+
+
+def run_loop(cfg: config_lib.Config, device: torch.device, warmup: int, steps: int, profiler=None) -> dict:
+    """Train ``warmup + steps`` steps of the real loop; return per-step timings of the last ``steps``."""
+    import train
+    from model import MoCo, autocast_dtype, build_optimizer
+    from pipeline import build_train_loader
+
+    torch.manual_seed(cfg.run.seed)
+    loader = build_train_loader(cfg, DistInfo(device=device))
+    try:
+        model = MoCo(cfg.model).to(device)
+        if cfg.data.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        model.train()
+        optimizer = build_optimizer(cfg.optim, model, config_lib.learning_rate(cfg, 1))
+        amp = autocast_dtype(cfg.optim.precision, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+        batches = iter(loader)
+
+        def step(clock: StepClock | None) -> None:
+            if clock:
+                clock.start()
+            view_q, view_k = next(batches)
+            if clock:
+                clock.data_ready()
+            train.train_step(model, optimizer, scaler, view_q, view_k, cfg.model.momentum, amp, cfg.optim.grad_clip)
+            if clock:
+                clock.stop()
+
+        for _ in range(warmup):
+            step(None)
+        clock = StepClock(device, sync_before_data=False)
+        util: list[float] = []
+        t0 = time.perf_counter()
+        with profiler if profiler is not None else _null():
+            for _ in range(steps):
+                step(clock)
+                u = _gpu_utilization(device)
+                if u is not None:
+                    util.append(u)
+        total = time.perf_counter() - t0
+    finally:
+        loader.close()
+    return {"wait_s": clock.wait_s, "step_s": clock.step_s, "total_s": total, "gpu_util": util,
+            "bad_samples": loader.bad_samples}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run(ctx: Context) -> SuiteResult:
+    s, device = ctx.sizes, ctx.device
+    shards = bench_shards(ctx)
+    base = config_lib.replace(config_lib.Config(), data={
+        "shards": str(shards), "crop_size": s.crop_size, "batch_size": s.e2e_batch,
+        "num_threads": max(s.pipeline_threads), "shuffle_buffer": min(256, 4 * s.e2e_batch),
+    }, model={"arch": s.arch, "queue_size": s.queue_sizes[-1]}, optim={"precision": "auto"},
+        run={"device": device.type})
+    result = SuiteResult("e2e", config={"shards": str(shards), "arch": s.arch, "crop_size": s.crop_size,
+                                        "batch": s.e2e_batch, "queue_size": s.queue_sizes[-1],
+                                        "threads": max(s.pipeline_threads), "warmup_steps": s.warmup,
+                                        "timed_steps": s.e2e_steps, "precision": "auto", "device": str(device)},
+                         columns=COLUMNS, plot_metric="pairs_per_s")
+    for label, data_upd in backends(device):
+        name = f"train loop, {label} loader"
+        cfg = config_lib.replace(base, data=data_upd)
+        gc.collect()
+        timing = run_loop(cfg, device, s.warmup, s.e2e_steps, ctx.profiler(f"e2e-{label}"))
+        step_ms = [t * 1e3 for t in timing["step_s"]]
+        wait = sum(timing["wait_s"]) / sum(timing["step_s"])
+        result.add(name, "baseline" if label == "PyTorch" else label,
+                   {"backend": label, "bad_samples": timing["bad_samples"]},
+                   pairs_per_s=s.e2e_batch * len(step_ms) / timing["total_s"],
+                   data_wait_share=wait,
+                   step_ms=Stats.of(step_ms),
+                   step_ms_p50=percentile(step_ms, 50), step_ms_p90=percentile(step_ms, 90),
+                   step_ms_p99=percentile(step_ms, 99),
+                   gpu_util_pct=sum(timing["gpu_util"]) / len(timing["gpu_util"]) if timing["gpu_util"] else None)
+    rows = {r.params["backend"]: r.name for r in result.rows}
+    for label in ("DALI GPU", "DALI CPU"):
+        if label in rows and "PyTorch" in rows:
+            result.compare(f"train loop pairs/s, {label} vs PyTorch loader", rows[label], rows["PyTorch"],
+                           "pairs_per_s")
+    return result

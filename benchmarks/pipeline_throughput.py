@@ -1,0 +1,113 @@
+"""Pipeline suite: pairs/s of each loader backend (DALI GPU, DALI CPU, PyTorch) on the same shards.
+
+The shards are built once per run by the real builder from real photos at ImageNet-like size (about 500 x 375,
+see benchmarks/data.py). Each configuration builds the real loader (``pipeline.build_train_loader``), discards
+``warmup`` batches (pipeline start-up, worker spawn, prefetch queues filling) and times ``repeats`` x ``iters``
+batches; a batch counts as delivered when its tensors are on the loader's output device (synchronised).
+
+Sweeps: threads / workers at the largest batch size, and batch size at the most threads. The PyTorch backend
+(webdataset + torchvision v2 + DataLoader workers) is the baseline; each DALI backend is compared with it at
+the same threads and batch.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+import config as config_lib
+from benchmarks.context import Context
+from benchmarks.data import bench_shards
+from benchmarks.report import Column, SuiteResult
+from benchmarks.timing import measure
+from distributed import DistInfo
+
+COLUMNS = [
+    Column("pairs_per_s", "pairs/s", "{:,.1f}"),
+    Column("pairs_per_s_per_thread", "pairs/s per thread", "{:,.1f}"),
+    Column("batch_ms", "batch ms", "{:,.1f}"),
+]
+
+
+def _dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def backends(device: torch.device) -> list[tuple[str, dict]]:
+    """(label, data-config updates) for every loader backend this machine can run; views land on ``device``."""
+    out = []
+    if _dali_available():
+        if device.type == "cuda":
+            out.append(("DALI GPU", {"backend": "dali", "dali_device": "gpu"}))
+        out.append(("DALI CPU", {"backend": "dali", "dali_device": "cpu"}))
+    out.append(("PyTorch", {"backend": "pytorch"}))
+    return out
+
+
+def _loader_fn(cfg: config_lib.Config, device: torch.device):
+    from pipeline import build_train_loader
+
+    loader = build_train_loader(cfg, DistInfo(device=device))
+    batches = iter(loader)
+
+    def next_batch() -> object:
+        return next(batches)
+
+    return loader, next_batch
+
+
+def run(ctx: Context) -> SuiteResult:
+    s = ctx.sizes
+    shards = bench_shards(ctx)
+    sweep: list[tuple[int, int]] = [(t, max(s.pipeline_batches)) for t in s.pipeline_threads]
+    sweep += [(max(s.pipeline_threads), b) for b in s.pipeline_batches if b != max(s.pipeline_batches)]
+    result = SuiteResult("pipeline", config={"shards": str(shards), "crop_size": s.pipeline_crop, "recipe": "v2",
+                                             "sweep_threads_batch": sweep, "warmup_batches": s.warmup,
+                                             "iters": s.pipeline_iters, "repeats": s.repeats,
+                                             "corpus": _corpus_facts(shards)},
+                         columns=COLUMNS, plot_metric="pairs_per_s")
+    device = ctx.device
+    for label, data_upd in backends(device):
+        for threads, batch in sweep:
+            name = f"{label} threads={threads} batch={batch}"
+            cfg = config_lib.replace(config_lib.Config(), data={
+                "shards": str(shards), "crop_size": s.pipeline_crop, "batch_size": batch, "num_threads": threads,
+                "recipe": "v2", "shuffle_buffer": min(256, 4 * batch), **data_upd,
+            }, run={"device": device.type})
+            loader, next_batch = _loader_fn(cfg, device)
+            try:
+                with ctx.profiler(f"pipeline-{label}-{threads}-{batch}"):
+                    tp = measure(next_batch, items_per_call=batch, warmup=s.warmup, iters=s.pipeline_iters,
+                                 repeats=s.repeats, device=device)
+                bad = loader.bad_samples
+            finally:
+                loader.close()
+                del loader
+                gc.collect()
+            result.add(name, "baseline" if label == "PyTorch" else label,
+                       {"backend": label, "threads": threads, "batch": batch, "device": str(device),
+                        "bad_samples": bad},
+                       pairs_per_s=tp.items_per_s, pairs_per_s_per_thread=tp.items_per_s.scaled(1 / threads),
+                       batch_ms=tp.seconds_per_call.scaled(1e3))
+    names = {r.name for r in result.rows}
+    for label, _ in backends(device):
+        if label == "PyTorch":
+            continue
+        for threads, batch in sweep:
+            ours, base = f"{label} threads={threads} batch={batch}", f"PyTorch threads={threads} batch={batch}"
+            if ours in names and base in names:
+                result.compare(f"{label} vs PyTorch, threads={threads} batch={batch}", ours, base, "pairs_per_s")
+    return result
+
+
+def _corpus_facts(shards) -> dict:
+    from shards.manifest import read_manifest
+
+    manifest = read_manifest(shards)
+    return {"images": manifest.total_samples, "shards": len(manifest.shards),
+            "mean_sample_kib": manifest.total_bytes / max(manifest.total_samples, 1) / 1024}
