@@ -23,6 +23,8 @@ import hashlib
 import random
 from dataclasses import dataclass
 
+from shards.manifest import ManifestError
+
 
 def derive_seed(*parts: int | str) -> int:
     """A stable 31-bit seed from ``parts`` (same on every machine and Python version, unlike ``hash``)."""
@@ -48,7 +50,7 @@ class ShardPlan:
         if self.world_size < 1:
             raise ValueError(f"world_size must be >= 1; got {self.world_size}")
         if len(self.sizes) < self.world_size:
-            raise ValueError(
+            raise ManifestError(
                 f"{len(self.sizes)} shards cannot be split over {self.world_size} ranks; "
                 f"write at least one shard per rank (ideally many more)")
         if any(s <= 0 for s in self.sizes):
