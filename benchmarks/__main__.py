@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", action="store_true",
                      help="wrap each measured region in torch.profiler; traces in <out>/profiles (slows timings)")
     run.add_argument("--wandb", action="store_true", help="also log every suite's rows to W&B (WANDB_MODE applies)")
+    run.add_argument("--shards", default="", help="existing shard directory for the pipeline and e2e suites "
+                     "(default: built from the embedded real photos by the real builder)")
+    run.add_argument("--corpus", default="", help="folder of real images for the shards suite and for building "
+                     "shards (default: crops of the embedded photos, ~500x375; needs scikit-image)")
     run.add_argument("--torch-threads", type=int, default=0,
                      help="torch intra-op threads (0: torch's default; --quick on a CPU: 1, because on a shared "
                           "2-core machine two OpenMP threads that spin-wait for each other run a step 5-10x slower)")
@@ -62,13 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _log_wandb(docs: list[dict], quick: bool) -> None:
+def _log_wandb(docs: list[dict], quick: bool, out_dir: Path) -> None:
     try:
         import wandb
     except ImportError:
         print("warning: --wandb given but wandb is not installed; skipped W&B logging", file=sys.stderr)
         return
-    run = wandb.init(project="moco-benchmarks", job_type="benchmark-quick" if quick else "benchmark",
+    run = wandb.init(project="moco-benchmarks", job_type="benchmark-quick" if quick else "benchmark", dir=str(out_dir),
                      config={"machine": docs[0]["machine"] if docs else {}, "quick": quick})
     for doc in docs:
         rows = doc["rows"]
@@ -96,8 +100,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     machine = machine_info()
     machine["torch_threads"] = torch.get_num_threads()
     sizes = Sizes.quick(machine["cpu_cores"]) if args.quick else Sizes.full(machine["cpu_cores"])
+    for flag, value in (("--shards", args.shards), ("--corpus", args.corpus)):
+        if value and not Path(value).is_dir():
+            print(f"error: {flag} {value}: not a directory", file=sys.stderr)
+            return 2
     ctx = Context(out_dir=Path(args.out), quick=args.quick, device=device, sizes=sizes, profile=args.profile,
-                  machine=machine)
+                  machine=machine, shard_dir=Path(args.shards) if args.shards else None,
+                  corpus_dir=Path(args.corpus) if args.corpus else None)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     suites = ORDER if args.suite == "all" else (args.suite,)
     date = datetime.date.today().isoformat()
@@ -128,7 +137,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     (ctx.out_dir / "summary.md").write_text("\n".join(summary))
     print(f"wrote {len(docs)} suite report(s) to {ctx.out_dir} in {time.perf_counter() - start:.1f} s", flush=True)
     if args.wandb and docs:
-        _log_wandb(docs, args.quick)
+        _log_wandb(docs, args.quick, ctx.out_dir)
     bad = [d["suite"] for d in docs if any(n.startswith("SCHEMA PROBLEMS") for n in d["notes"])]
     if bad:
         print(f"error: schema problems in {', '.join(bad)} (see notes in their JSON)", file=sys.stderr)

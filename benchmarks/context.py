@@ -29,6 +29,7 @@ class Sizes:
     pipeline_threads: tuple[int, ...]
     pipeline_crop: int
     pipeline_iters: int
+    pipeline_warmup: int
     # e2e suite
     e2e_batch: int
     e2e_steps: int
@@ -41,10 +42,11 @@ class Sizes:
 
     @classmethod
     def full(cls, cores: int) -> Sizes:
-        threads = tuple(sorted({t for t in (1, 2, 4, 8, 16, cores) if t <= max(cores, 1)}))
+        # 1-2 workers at 224 px take minutes per configuration for the PyTorch baseline; start at 4.
+        threads = tuple(sorted({t for t in (4, 8, cores) if t <= max(cores, 1)})) or (max(cores, 1),)
         return cls(corpus_images=2048, short_side=(360, 400), images_per_shard=256, arch="resnet50", crop_size=224,
                    model_batch=256, queue_sizes=(4096, 65536), pipeline_batches=(128, 256),
-                   pipeline_threads=threads, pipeline_crop=224, pipeline_iters=10, e2e_batch=256, e2e_steps=50,
+                   pipeline_threads=threads, pipeline_crop=224, pipeline_iters=5, pipeline_warmup=5, e2e_batch=256, e2e_steps=50,
                    warmup=10, iters=10, repeats=5, ingest_images=512)
 
     @classmethod
@@ -52,7 +54,7 @@ class Sizes:
         threads = tuple(sorted({1, max(min(cores, 2), 1)}))
         return cls(corpus_images=48, short_side=(360, 400), images_per_shard=16, arch="resnet18", crop_size=32,
                    model_batch=16, queue_sizes=(256,), pipeline_batches=(8,), pipeline_threads=threads,
-                   pipeline_crop=64, pipeline_iters=2, e2e_batch=16, e2e_steps=4, warmup=1, iters=1, repeats=3, ingest_images=64)
+                   pipeline_crop=64, pipeline_iters=2, pipeline_warmup=1, e2e_batch=16, e2e_steps=4, warmup=1, iters=1, repeats=3, ingest_images=64)
 
 
 @dataclass
@@ -65,7 +67,8 @@ class Context:
     sizes: Sizes
     profile: bool = False
     machine: dict = field(default_factory=dict)
-    shard_dir: Path | None = None  # built once, shared by the pipeline and e2e suites
+    shard_dir: Path | None = None  # built once (or given by --shards), shared by the pipeline and e2e suites
+    corpus_dir: Path | None = None  # --corpus: a folder of real images to use instead of the embedded photos
 
     @property
     def work_dir(self) -> Path:

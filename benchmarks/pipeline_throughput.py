@@ -67,7 +67,7 @@ def run(ctx: Context) -> SuiteResult:
     sweep: list[tuple[int, int]] = [(t, max(s.pipeline_batches)) for t in s.pipeline_threads]
     sweep += [(max(s.pipeline_threads), b) for b in s.pipeline_batches if b != max(s.pipeline_batches)]
     result = SuiteResult("pipeline", config={"shards": str(shards), "crop_size": s.pipeline_crop, "recipe": "v2",
-                                             "sweep_threads_batch": sweep, "warmup_batches": s.warmup,
+                                             "sweep_threads_batch": sweep, "warmup_batches": s.pipeline_warmup,
                                              "iters": s.pipeline_iters, "repeats": s.repeats,
                                              "corpus": _corpus_facts(shards)},
                          columns=COLUMNS, plot_metric="pairs_per_s")
@@ -82,7 +82,7 @@ def run(ctx: Context) -> SuiteResult:
             loader, next_batch = _loader_fn(cfg, device)
             try:
                 with ctx.profiler(f"pipeline-{label}-{threads}-{batch}"):
-                    tp = measure(next_batch, items_per_call=batch, warmup=s.warmup, iters=s.pipeline_iters,
+                    tp = measure(next_batch, items_per_call=batch, warmup=s.pipeline_warmup, iters=s.pipeline_iters,
                                  repeats=s.repeats, device=device)
                 bad = loader.bad_samples
             finally:

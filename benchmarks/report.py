@@ -35,6 +35,7 @@ ending in ``_signed`` are differences (step time minus a reference, which noise 
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -270,10 +271,13 @@ def table_rows(result: SuiteResult) -> tuple[list[str], list[list[str]]]:
 
 
 def print_table(result: SuiteResult, title: str) -> None:
-    """Print the suite's table with rich (plain text when stdout is not a terminal)."""
-    from rich.console import Console
-    from rich.table import Table
-
+    """Print the suite's table with rich, or as Markdown where rich is not installed (e.g. a bare GPU image)."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(f"{title}\n\n{markdown_table(result)}", flush=True)
+        return
     headers, body = table_rows(result)
     table = Table(title=title, title_justify="left")
     for i, h in enumerate(headers):
@@ -298,9 +302,15 @@ def markdown_table(result: SuiteResult) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def plot(result: SuiteResult, path: Path, title: str) -> Path:
-    """A PNG of the suite's headline metric: horizontal bars (median, whiskers min–max) or, for scaling, a curve."""
-    import matplotlib
+def plot(result: SuiteResult, path: Path, title: str) -> Path | None:
+    """A PNG of the suite's headline metric: horizontal bars (median, whiskers min–max) or, for scaling, a curve.
+
+    Returns None (and writes nothing) where matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -324,7 +334,8 @@ def plot(result: SuiteResult, path: Path, title: str) -> Path:
             m = r.metrics[result.plot_metric]
             if isinstance(m, Stats):
                 errs[0][i], errs[1][i] = m.median - m.min, m.max - m.median
-        colors = ["tab:gray" if "baseline" in r.name or r.group == "baseline" else "tab:blue" for r in rows]
+        palette = {"baseline": "tab:gray", "reference": "tab:olive"}
+        colors = [palette.get(r.group, "tab:gray" if "baseline" in r.name else "tab:blue") for r in rows]
         ax.barh(range(len(rows)), values, xerr=errs, color=colors, capsize=3)
         ax.set_yticks(range(len(rows)), [r.name for r in rows], fontsize=8)
         ax.invert_yaxis()
@@ -343,6 +354,8 @@ def write_report(result: SuiteResult, out_dir: str | os.PathLike, machine: dict[
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     doc = report_json(result, machine, argv, quick)
+    if result.rows and importlib.util.find_spec("matplotlib") is None:
+        doc["notes"].append("no PNG: matplotlib is not installed")
     problems = validate_report(doc)
     if problems:
         # Still write the file so the numbers can be inspected, but make the problem loud.

@@ -30,6 +30,7 @@ from benchmarks.context import Context
 from benchmarks.data import bench_corpus
 from benchmarks.report import Column, SuiteResult
 from benchmarks.timing import Stats
+from shards.sources import IMAGE_SUFFIXES
 
 REPO = Path(__file__).resolve().parents[1]
 COLUMNS = [
@@ -81,7 +82,7 @@ def timed_build(inputs: list[str], out: Path, workers: int, per_shard: int) -> f
 def run(ctx: Context) -> SuiteResult:
     s = ctx.sizes
     corpus = bench_corpus(ctx, num_images=s.ingest_images, formats=True)
-    paths = sorted(p for p in corpus.rglob("*") if p.is_file() and not p.name.startswith("."))
+    paths = sorted(p for p in corpus.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     n = len(paths)
     cores = ctx.machine.get("cpu_cores", 1)
     scratch = ctx.work_dir / "ingest-scratch"
