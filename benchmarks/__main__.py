@@ -104,9 +104,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         if value and not Path(value).is_dir():
             print(f"error: {flag} {value}: not a directory", file=sys.stderr)
             return 2
-    ctx = Context(out_dir=Path(args.out), quick=args.quick, device=device, sizes=sizes, profile=args.profile,
-                  machine=machine, shard_dir=Path(args.shards) if args.shards else None,
-                  corpus_dir=Path(args.corpus) if args.corpus else None)
+    # Absolute paths: child processes (builder, torchrun) run from the repository root, list files resolve
+    # relative entries against their own folder.
+    ctx = Context(out_dir=Path(args.out).resolve(), quick=args.quick, device=device, sizes=sizes,
+                  profile=args.profile, machine=machine, shard_dir=Path(args.shards).resolve() if args.shards else None,
+                  corpus_dir=Path(args.corpus).resolve() if args.corpus else None)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     suites = ORDER if args.suite == "all" else (args.suite,)
     date = datetime.date.today().isoformat()

@@ -257,6 +257,7 @@ def run(ctx: Context) -> SuiteResult:
                 **({"baseline_over_ours": b / o} if o > 0 and b > 0 else {}),
             }
     result.extra["shuffle_bn_bytes"] = _bytes_table(base, s.model_batch)
+    result.markdown_extra = _markdown_extra(result.extra)
     result.notes.append("one process: shuffle_bn=gather is an identity (as in the baseline); all_to_all needs > 1 rank "
                         "(see extra.shuffle_bn_bytes and the scaling suite)")
     return result
@@ -291,3 +292,19 @@ def _bytes_table(cfg: config_lib.Config, per_rank: int) -> dict:
             for w in (2, 8, 64)
         }
     return table
+
+
+def _markdown_extra(extra: dict) -> str:
+    """The MoCo-overhead comparison and the bytes-per-strategy table as Markdown."""
+    lines = []
+    for key, o in extra.get("moco_overhead", {}).items():
+        ratio = f"; baseline/ours = **{o['baseline_over_ours']:.2f}x**" if "baseline_over_ours" in o else ""
+        lines.append(f"- MoCo-specific overhead {key} (step minus plain encoder step {o['plain_step_ms']:,.1f} ms): "
+                     f"ours {o['ours_ms_signed']:,.1f} ms, baseline {o['baseline_ms_signed']:,.1f} ms{ratio}")
+    table = extra["shuffle_bn_bytes"]
+    lines += ["", f"MiB received per rank per step by each shuffle-BN strategy (per-rank batch "
+                  f"{table['per_rank_batch']}, {table['crop_size']} px bf16 key views; {table['formula']}):", "",
+              "| strategy | W=2 | W=8 | W=64 |", "|---|---:|---:|---:|"]
+    for strategy, by_w in table["mib"].items():
+        lines.append(f"| {strategy} | " + " | ".join(f"{by_w[w]:,.3f}" for w in ("W=2", "W=8", "W=64")) + " |")
+    return "\n".join(lines)

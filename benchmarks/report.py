@@ -92,6 +92,7 @@ class SuiteResult:
     skipped: list[dict[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    markdown_extra: str = ""  # suite-specific Markdown appended under the table (from figures in ``extra``)
 
     def add(self, name: str, group: str, params: dict[str, Any], **metrics: Metric) -> Row:
         row = Row(name, group, dict(params), dict(metrics))
@@ -290,6 +291,8 @@ def print_table(result: SuiteResult, title: str) -> None:
         console.print(f"  {comp['name']}: ours/baseline = {comp['ratio']:.2f}x")
     for item in result.skipped:
         console.print(f"  skipped {item['name']}: {item['reason']}")
+    if result.markdown_extra:
+        console.print(result.markdown_extra, markup=False, highlight=False)
 
 
 def markdown_table(result: SuiteResult) -> str:
@@ -297,8 +300,12 @@ def markdown_table(result: SuiteResult) -> str:
     headers, body = table_rows(result)
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    if not body:
+        lines = ["Nothing measured on this machine."]
     lines += [""] + [f"- {c['name']}: ours/baseline = **{c['ratio']:.2f}x**" for c in result.comparisons]
     lines += [f"- skipped {s['name']}: {s['reason']}" for s in result.skipped]
+    if result.markdown_extra:
+        lines += ["", result.markdown_extra]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -70,8 +70,8 @@ def _repeat(fn, repeats: int, scratch: Path) -> list[float]:
 
 def timed_build(inputs: list[str], out: Path, workers: int, per_shard: int) -> float:
     """Seconds of one real build, run in a light child process (see benchmarks/ingest_timer.py)."""
-    cmd = [sys.executable, "-m", "benchmarks.ingest_timer", str(out), str(workers), str(SHORT_SIDE), str(QUALITY),
-           str(per_shard), *inputs]
+    cmd = [sys.executable, "-m", "benchmarks.ingest_timer", str(out.resolve()), str(workers), str(SHORT_SIDE),
+           str(QUALITY), str(per_shard), *[str(Path(i).resolve()) for i in inputs]]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if proc.returncode != 0:
@@ -94,7 +94,7 @@ def run(ctx: Context) -> SuiteResult:
     naive_ingest(paths[:4], scratch / "warm")
     scratch.mkdir(parents=True, exist_ok=True)
     warm_list = scratch / "warm.txt"
-    warm_list.write_text("\n".join(str(p) for p in paths[:4]) + "\n")
+    warm_list.write_text("\n".join(str(p.resolve()) for p in paths[:4]) + "\n")
 
     def add(name: str, group: str, workers: int, times: list[float], **params) -> None:
         rate = Stats.of([n / t for t in times])
