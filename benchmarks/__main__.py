@@ -6,6 +6,7 @@ Run (from the repository root)::
     python -m benchmarks run --suite all --quick --out results/q   # < 2 min on a 2-core CPU (smoke / CI)
     python -m benchmarks run --suite model --profile --out results/prof   # + torch.profiler traces
     python -m benchmarks validate results/*.json                   # check JSON files against the schema
+    python -m benchmarks prepare --out gpu_data --images 512       # only build shards (carry to a GPU, --shards)
 
 Suites: ``shards`` (ingest images/s per core vs a naive PIL loop), ``model`` (MoCo step pairs/s, peak memory
 and MFU vs the original-structure baseline, bytes per shuffle-BN strategy), ``pipeline`` (loader pairs/s of
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run benchmark suites")
-    run.add_argument("--suite", choices=(*ORDER, "all"), default="all", help="which suite (all: every one, in order)")
+    run.add_argument("--suite", default="all",
+                     help=f"all, or one or more of {','.join(ORDER)} separated by commas (e.g. model,pipeline,e2e)")
     run.add_argument("--out", default="results", help="output directory for JSON, PNG, Markdown (and profiles)")
     run.add_argument("--quick", action="store_true", help="tiny sizes: the whole 'all' suite in < 2 min on 2 CPU cores")
     run.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: CUDA when available")
@@ -61,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--torch-threads", type=int, default=0,
                      help="torch intra-op threads (0: torch's default; --quick on a CPU: 1, because on a shared "
                           "2-core machine two OpenMP threads that spin-wait for each other run a step 5-10x slower)")
+    prep = sub.add_parser("prepare", help="only build the benchmark corpus and shards (to carry to a machine "
+                          "without scikit-image, then pass --shards there)")
+    prep.add_argument("--out", default="results", help="the shards go to <out>/_data/")
+    prep.add_argument("--images", type=int, default=0, help="corpus size (default: the full suites' 2048)")
     val = sub.add_parser("validate", help="check benchmark JSON files against the schema")
     val.add_argument("files", nargs="+")
     return parser
@@ -110,7 +116,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                   profile=args.profile, machine=machine, shard_dir=Path(args.shards).resolve() if args.shards else None,
                   corpus_dir=Path(args.corpus).resolve() if args.corpus else None)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    suites = ORDER if args.suite == "all" else (args.suite,)
+    suites = ORDER if args.suite == "all" else tuple(x.strip() for x in args.suite.split(",") if x.strip())
+    unknown = [x for x in suites if x not in ORDER]
+    if unknown or not suites:
+        print(f"error: --suite {args.suite}: expected all or a comma-separated list of {', '.join(ORDER)}",
+              file=sys.stderr)
+        return 2
     date = datetime.date.today().isoformat()
     label = device_label(machine)
     docs, failed = [], []
@@ -158,11 +169,31 @@ def validate(files: list[str]) -> int:
     return status
 
 
+def prepare(out: str, images: int) -> int:
+    """Build the corpus and shards the full pipeline/e2e suites use; print the shard directory."""
+    import dataclasses
+
+    from benchmarks.data import bench_shards
+
+    machine = machine_info()
+    sizes = Sizes.full(machine["cpu_cores"])
+    if images < 0:
+        print("error: --images must be >= 0", file=sys.stderr)
+        return 2
+    if images:
+        sizes = dataclasses.replace(sizes, corpus_images=images)
+    ctx = Context(out_dir=Path(out).resolve(), quick=False, device=torch.device("cpu"), sizes=sizes, machine=machine)
+    print(bench_shards(ctx))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.command == "validate":
         return validate(args.files)
+    if args.command == "prepare":
+        return prepare(args.out, args.images)
     return run(args, argv)
 
 

@@ -4,12 +4,13 @@ Built exactly as ``train.py`` builds a run (loader, ``MoCo``, ``build_optimizer`
 without checkpoints or logging. After ``warmup`` steps, ``steps`` steps are timed one by one: the wait for
 the next batch (host blocked in ``next()`` while the device is idle, because the previous step was
 synchronised) and the whole step. Reported: pairs/s over the timed steps, the share of time spent waiting for
-data, step-time p50/p90/p99 and the GPU utilisation NVML reports (``torch.cuda.utilization``, when pynvml is
-installed). The PyTorch loader backend runs the same loop in the same run as the baseline.
+data, step-time p50/p90/p99 and the GPU utilisation NVML reports over the timed steps (sampled by nvidia-smi,
+see benchmarks/gpu_util.py). The PyTorch loader backend runs the same loop in the same run as the baseline.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 
@@ -18,9 +19,10 @@ import torch
 import config as config_lib
 from benchmarks.context import Context
 from benchmarks.data import bench_shards
+from benchmarks.gpu_util import GpuUtilSampler
 from benchmarks.pipeline_throughput import backends
 from benchmarks.report import Column, SuiteResult
-from benchmarks.timing import Stats, StepClock, percentile
+from benchmarks.timing import Stats, StepClock, percentile, synchronize
 from distributed import DistInfo
 
 COLUMNS = [
@@ -31,15 +33,6 @@ COLUMNS = [
     Column("step_ms_p99", "p99 ms", "{:,.1f}"),
     Column("gpu_util_pct", "GPU util %", "{:.0f}"),
 ]
-
-
-def _gpu_utilization(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    try:
-        return float(torch.cuda.utilization(device))
-    except Exception:  # pynvml missing or NVML unavailable: not measurable here
-        return None
 
 
 def run_loop(cfg: config_lib.Config, device: torch.device, warmup: int, steps: int, profiler=None) -> dict:
@@ -72,28 +65,17 @@ def run_loop(cfg: config_lib.Config, device: torch.device, warmup: int, steps: i
 
         for _ in range(warmup):
             step(None)
+        synchronize(device)  # the warm-up's queued work must not land in the first timed step
         clock = StepClock(device, sync_before_data=False)
-        util: list[float] = []
         t0 = time.perf_counter()
-        with profiler if profiler is not None else _null():
+        with profiler if profiler is not None else contextlib.nullcontext(), GpuUtilSampler(device) as util:
             for _ in range(steps):
                 step(clock)
-                u = _gpu_utilization(device)
-                if u is not None:
-                    util.append(u)
         total = time.perf_counter() - t0
     finally:
         loader.close()
-    return {"wait_s": clock.wait_s, "step_s": clock.step_s, "total_s": total, "gpu_util": util,
+    return {"wait_s": clock.wait_s, "step_s": clock.step_s, "total_s": total, "gpu_util": util.mean,
             "bad_samples": loader.bad_samples}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def run(ctx: Context) -> SuiteResult:
@@ -123,7 +105,7 @@ def run(ctx: Context) -> SuiteResult:
                    step_ms=Stats.of(step_ms),
                    step_ms_p50=percentile(step_ms, 50), step_ms_p90=percentile(step_ms, 90),
                    step_ms_p99=percentile(step_ms, 99),
-                   gpu_util_pct=sum(timing["gpu_util"]) / len(timing["gpu_util"]) if timing["gpu_util"] else None)
+                   gpu_util_pct=timing["gpu_util"])
     rows = {r.params["backend"]: r.name for r in result.rows}
     for label in ("DALI GPU", "DALI CPU"):
         if label in rows and "PyTorch" in rows:

@@ -1,0 +1,31 @@
+"""Command-line mistakes are one-line errors with exit code 2; `validate` flags a broken file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.__main__ import main
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--suite", "model,nope"], "expected all or a comma-separated list"),
+    (["--suite", "scaling", "--shards", "/nonexistent/shards"], "--shards /nonexistent/shards: not a directory"),
+    (["--suite", "scaling", "--torch-threads", "-1"], "--torch-threads must be >= 0"),
+])
+def test_bad_arguments(tmp_path, capsys, args, message):
+    assert main(["run", "--out", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_scaling_on_a_machine_without_gpus_is_a_counted_skip(tmp_path, capsys):
+    assert main(["run", "--suite", "scaling", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    doc = json.loads((tmp_path / "scaling.json").read_text())
+    assert doc["rows"] == [] and "needs more than one GPU" in doc["skipped"][0]["reason"]
+    assert main(["validate", str(tmp_path / "scaling.json")]) == 0
+    doc["rows"] = [{"name": "x", "group": "g", "params": {}, "metrics": {"pairs_per_s": -3.0}}]
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    assert main(["validate", str(tmp_path / "bad.json")]) == 1
+    assert "not positive" in capsys.readouterr().out
