@@ -72,8 +72,14 @@ def run(ctx: Context) -> SuiteResult:
                                              "corpus": _corpus_facts(shards)},
                          columns=COLUMNS, plot_metric="pairs_per_s")
     device = ctx.device
-    for label, data_upd in backends(device):
-        for threads, batch in sweep:
+    # ROI decoding per view vs decode once + crop twice (pipeline/__init__.py leaves the GPU verdict to this
+    # benchmark): one extra configuration at the most threads and the largest batch, on the GPU only.
+    top = [(max(s.pipeline_threads), max(s.pipeline_batches))]
+    plan = [(label, upd, sweep) for label, upd in backends(device)]
+    if device.type == "cuda" and _dali_available():
+        plan.append(("DALI GPU roi", {"backend": "dali", "dali_device": "gpu", "view_decode": "roi"}, top))
+    for label, data_upd, points in plan:
+        for threads, batch in points:
             name = f"{label} threads={threads} batch={batch}"
             cfg = config_lib.replace(config_lib.Config(), data={
                 "shards": str(shards), "crop_size": s.pipeline_crop, "batch_size": batch, "num_threads": threads,
@@ -95,6 +101,9 @@ def run(ctx: Context) -> SuiteResult:
                        pairs_per_s=tp.items_per_s, pairs_per_s_per_thread=tp.items_per_s.scaled(1 / threads),
                        batch_ms=tp.seconds_per_call.scaled(1e3))
     names = {r.name for r in result.rows}
+    once, roi = f"DALI GPU threads={top[0][0]} batch={top[0][1]}", f"DALI GPU roi threads={top[0][0]} batch={top[0][1]}"
+    if once in names and roi in names:
+        result.compare("DALI GPU decode once + crop twice vs ROI decode per view", once, roi, "pairs_per_s")
     for label, _ in backends(device):
         if label == "PyTorch":
             continue
