@@ -194,9 +194,10 @@ def test_two_nodes_of_two_ranks_agree_with_one_node_of_four(photo_dir, tmp_path)
 
 
 def test_a_dead_rank_fails_the_job_fast_and_max_restarts_recovers(shard_dir, tmp_path):
-    args = base_args(shard_dir, tmp_path, steps=40, checkpoint_every_steps=3, dist_timeout_s=30)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-           "--max-restarts=1", str(REPO / "train.py"), *args]
+    args = base_args(shard_dir, tmp_path, steps=40, checkpoint_every_steps=3, dist_timeout_s=120)
+    # c10d rendezvous, as in production: each restart is a fresh rendezvous round (no stale peer addresses).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--max-restarts=1", str(REPO / "train.py"), *args]
     proc = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.monotonic() + 200
