@@ -23,16 +23,21 @@ from tests.train.wandb_offline import read_offline_run
 
 pytestmark = pytest.mark.slow
 
-STEPS = 24
+STEPS = 40
 
 
-def base_args(shards: Path, run_dir: Path, steps: int = STEPS, batch: int = 8, **overrides) -> list[str]:
+def base_args(shards: Path, run_dir: Path, steps: int = STEPS, batch: int = 16, **overrides) -> list[str]:
+    """A small real configuration that measurably learns in 40 steps (ResNet-18 at 64 px, 48 photos, K=64).
+
+    Measured (seed 7, 1 torch thread): loss peaks at 4.13 once the queue has filled (step 7) and averages 3.66 over
+    steps 33-40; contrastive top-1 rises from ~5% to ~30%. lr 0.06 at this batch collapses the representation.
+    """
     args = {
-        "shards": shards, "run-dir": run_dir, "total-steps": steps, "arch": "resnet18", "crop-size": 32,
-        "batch-size": batch, "queue-size": 40, "dim": 32, "mlp-hidden-dim": 64, "num-threads": 1,
-        "shuffle-buffer": 16, "split-bn-groups": 2, "momentum": 0.99, "base-lr": 0.5, "log-every": 1,
-        "checkpoint-every-steps": 0, "checkpoint-every-minutes": 0, "image-log-every": 0, "wandb-mode": "disabled",
-        "device": "cpu", "backend": "dali", "seed": 7,
+        "shards": shards, "run-dir": run_dir, "total-steps": steps, "arch": "resnet18", "crop-size": 64,
+        "batch-size": batch, "queue-size": 64, "num-threads": 1, "shuffle-buffer": 16, "split-bn-groups": 2,
+        "momentum": 0.99, "lr": 0.01, "schedule": "constant", "log-every": 1, "checkpoint-every-steps": 0,
+        "checkpoint-every-minutes": 0, "image-log-every": 0, "wandb-mode": "disabled", "device": "cpu",
+        "backend": "dali", "seed": 7,
     }
     args.update({k.replace("_", "-"): v for k, v in overrides.items()})
     return [x for k, v in args.items() for x in (f"--{k}", str(v))]
@@ -80,7 +85,7 @@ def start_and_interrupt(args: list[str], sig: int, after_steps: int) -> subproce
 def reference_run(shard_dir, tmp_path_factory):
     """One uninterrupted run with W&B offline and view images: the reference for the resume tests."""
     run_dir = tmp_path_factory.mktemp("reference")
-    run_train(base_args(shard_dir, run_dir, wandb_mode="offline", image_log_every=8))
+    run_train(base_args(shard_dir, run_dir, wandb_mode="offline", image_log_every=16))
     return run_dir
 
 
@@ -88,23 +93,25 @@ def test_uninterrupted_run_learns_and_leaves_a_complete_run_directory(reference_
     curve = losses(reference_run)
     assert sorted(curve) == list(range(1, STEPS + 1))
     assert all(v == v and v < 100 for v in curve.values())  # finite
-    first, last = sum(curve[s] for s in range(1, 5)) / 4, sum(curve[s] for s in range(STEPS - 3, STEPS + 1)) / 4
-    assert last < first - 0.3, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    # The loss first rises while the queue fills with real keys (K=64 = 4 steps), then falls as the encoder learns.
+    peak = max(curve[s] for s in range(3, 11))
+    last = sum(curve[s] for s in range(STEPS - 7, STEPS + 1)) / 8
+    assert last < peak - 0.2, f"loss did not fall: peak {peak:.3f} after the queue filled, last 8 steps {last:.3f}"
     for name in ("config.yaml", "summary.json", "loss_curve.png", f"checkpoints/step-{STEPS:09d}.pt"):
         assert (reference_run / name).exists(), name
     summary = json.loads((reference_run / "summary.json").read_text())
-    assert summary["steps"] == STEPS and summary["pairs_seen"] == STEPS * 8 and summary["mean_pairs_per_s"] > 0
+    assert summary["steps"] == STEPS and summary["pairs_seen"] == STEPS * 16 and summary["mean_pairs_per_s"] > 0
 
 
 def test_wandb_offline_run_has_config_metrics_at_each_step_and_view_images(reference_run):
     (offline,) = list((reference_run / "wandb").glob("offline-run-*"))
     config, history = read_offline_run(offline)
     config = {k: v.get("value", v) if isinstance(v, dict) else v for k, v in config.items()}
-    assert config["data"]["batch_size"] == 8 and config["model"]["arch"] == "resnet18"
+    assert config["data"]["batch_size"] == 16 and config["model"]["arch"] == "resnet18"
     loss_steps = [row["_step"] for row in history if "loss" in row]
     assert loss_steps == list(range(1, STEPS + 1))
     image_steps = [row["_step"] for row in history if "views/_type" in row]
-    assert image_steps == [8, 16, 24]
+    assert image_steps == [16, 32]
     assert list((offline / "files" / "media" / "images").glob("views_*.png"))
 
 
@@ -122,7 +129,7 @@ def test_resume_after_sigterm_is_exact(shard_dir, reference_run, tmp_path):
 
 def test_resume_after_sigkill_restarts_from_last_checkpoint_exactly(shard_dir, reference_run, tmp_path):
     args = base_args(shard_dir, tmp_path, checkpoint_every_steps=4)
-    proc = start_and_interrupt(args, signal.SIGKILL, after_steps=10)
+    proc = start_and_interrupt(args, signal.SIGKILL, after_steps=14)
     assert proc.returncode == -signal.SIGKILL
     reached = max(losses(tmp_path))
     assert reached < STEPS
@@ -160,7 +167,7 @@ def test_bad_flags_and_batch_not_divisible_by_world_size_are_one_line_errors(sha
 
 
 def test_two_ranks_train_on_disjoint_data_and_checkpoint(shard_dir, tmp_path):
-    run_torchrun(REPO / "train.py", nproc=2, args=base_args(shard_dir, tmp_path, steps=6), timeout=300)
+    run_torchrun(REPO / "train.py", nproc=2, args=base_args(shard_dir, tmp_path, steps=6, batch=8, crop_size=32), timeout=300)
     curve = losses(tmp_path)
     assert sorted(curve) == list(range(1, 7)) and all(v == v for v in curve.values())
     from training.checkpoint import load_checkpoint
@@ -175,13 +182,13 @@ def test_two_nodes_of_two_ranks_agree_with_one_node_of_four(photo_dir, tmp_path)
     shard_dir = tmp_path / "shards"
     write_simple_shards(sorted(photo_dir.rglob("*.*")), shard_dir, per_shard=6)  # 8 shards: 2 per rank
     steps = 4
-    run_torchrun(REPO / "train.py", nproc=4, args=base_args(shard_dir, tmp_path / "one", steps=steps), timeout=400)
+    run_torchrun(REPO / "train.py", nproc=4, args=base_args(shard_dir, tmp_path / "one", steps=steps, batch=8, crop_size=32), timeout=400)
     port = free_port()
     nodes = []
     for _node in range(2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=2",
                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=moco-test",
-               str(REPO / "train.py"), *base_args(shard_dir, tmp_path / "two", steps=steps)]
+               str(REPO / "train.py"), *base_args(shard_dir, tmp_path / "two", steps=steps, batch=8, crop_size=32)]
         nodes.append(subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     for proc in nodes:
@@ -194,7 +201,8 @@ def test_two_nodes_of_two_ranks_agree_with_one_node_of_four(photo_dir, tmp_path)
 
 
 def test_a_dead_rank_fails_the_job_fast_and_max_restarts_recovers(shard_dir, tmp_path):
-    args = base_args(shard_dir, tmp_path, steps=40, checkpoint_every_steps=3, dist_timeout_s=120)
+    args = base_args(shard_dir, tmp_path, steps=20, batch=8, crop_size=32, checkpoint_every_steps=3,
+                     dist_timeout_s=120)
     # c10d rendezvous, as in production: each restart is a fresh rendezvous round (no stale peer addresses).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
            f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--max-restarts=1", str(REPO / "train.py"), *args]
@@ -210,4 +218,4 @@ def test_a_dead_rank_fails_the_job_fast_and_max_restarts_recovers(shard_dir, tmp
     errors = "\n".join(line for line in out.splitlines() if "rror" in line or "rank" in line)
     assert proc.returncode == 0, errors[-6000:]
     assert "resumed from" in out
-    assert max(losses(tmp_path)) == 40
+    assert max(losses(tmp_path)) == 20
