@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -35,13 +36,19 @@ def build_demo_shards(work: Path, num_images: int) -> Path:
 
 
 def demo_config(shard_dir: Path, run_dir: Path, steps: int) -> config_lib.Config:
+    """MoCo v2 settings that visibly learn within a few hundred steps on this corpus.
+
+    On a CPU: ResNet-18 at 48 px, 32 pairs per step, K=256 (half the corpus), lr 0.01 constant. Measured on a 2-core
+    machine: about 0.8 s per step, the loss rises to ~5.4 while the queue fills and falls below 5.0 by step 60.
+    A larger lr (0.06 at batch 32, i.e. 16x the linear scaling rule) collapses the features (loss -> ln(K+1)).
+    """
     gpu = torch.cuda.is_available()
     return config_lib.from_dict({
-        "data": {"shards": str(shard_dir), "crop_size": 224 if gpu else 64, "batch_size": 128 if gpu else 32,
-                 "num_threads": 2, "recipe": "v2"},
-        "model": {"arch": "resnet50" if gpu else "resnet18", "queue_size": 4096, "momentum": 0.99,
+        "data": {"shards": str(shard_dir), "crop_size": 224 if gpu else 48, "batch_size": 128 if gpu else 32,
+                 "num_threads": 4 if gpu else 1, "recipe": "v2"},
+        "model": {"arch": "resnet50" if gpu else "resnet18", "queue_size": 256, "momentum": 0.99,
                   "temperature": 0.2, "split_bn_groups": 4},
-        "optim": {"base_lr": 0.06, "warmup_steps": 10},
+        "optim": {"lr": 0.03 if gpu else 0.01, "schedule": "constant"},
         "run": {"run_dir": str(run_dir), "total_steps": steps, "log_every": 10, "checkpoint_every_steps": 50,
                 "checkpoint_every_minutes": 0, "image_log_every": 50, "wandb_mode": "offline", "resume": "none"},
     })
@@ -56,14 +63,21 @@ def main() -> None:
 
     from train import train
 
+    if not torch.cuda.is_available():
+        # DALI's CPU thread takes one core; more torch threads than the rest only fight it (measured ~10x slower).
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+
     run_dir = Path(args.out)
     shutil.rmtree(run_dir, ignore_errors=True)
     shard_dir = build_demo_shards(Path("runs/demo-data"), args.images)
     summary = train(demo_config(shard_dir, run_dir, args.steps))
     print(json.dumps(summary, indent=1))
-    first, last = summary.get("first_loss"), summary.get("final_loss")
-    print(f"\nloss {first:.3f} -> {last:.3f} over {summary['steps']} steps; run directory: {run_dir}/ "
-          f"(config.yaml, checkpoints/, wandb/, metrics.jsonl, summary.json, loss_curve.png)")
+    curve = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    curve = [(r["step"], r["loss"]) for r in curve if "loss" in r]
+    peak_step, peak = max(curve, key=lambda r: r[1])
+    print(f"\nloss {peak:.3f} at step {peak_step} (once the queue is full of real keys) -> {curve[-1][1]:.3f} at step "
+          f"{curve[-1][0]}; run directory: {run_dir}/ (config.yaml, checkpoints/, wandb/, metrics.jsonl, summary.json, "
+          f"loss_curve.png)")
 
 
 if __name__ == "__main__":
