@@ -50,6 +50,23 @@ def train_step(model: MoCo, optimizer: torch.optim.Optimizer, scaler: torch.amp.
     return {"loss": out.loss.detach(), "acc1": out.acc1.detach(), "acc5": out.acc5.detach()}
 
 
+def build_model_and_optimizer(cfg: Config, dist: distributed.DistInfo, lr: float, model_cls: type = MoCo):
+    """The MoCo model on its device (DDP over the query encoder when W > 1), optimiser, autocast dtype, grad scaler.
+
+    Benchmarks call this too, with ``model_cls=BaselineMoCo`` for the original structure.
+    """
+    model = model_cls(cfg.model).to(dist.device)
+    if cfg.data.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if dist.world_size > 1:
+        device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+        model.wrap_query_encoder(lambda m: DistributedDataParallel(m, device_ids=device_ids))
+    optimizer = build_optimizer(cfg.optim, model, lr)
+    amp_dtype = autocast_dtype(cfg.optim.precision, dist.device)
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=amp_dtype == torch.float16)
+    return model, optimizer, amp_dtype, scaler
+
+
 def total_steps_of(cfg: Config, global_batch: int) -> int:
     if cfg.run.total_steps > 0:
         return cfg.run.total_steps
@@ -86,18 +103,8 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> dict:
     # ------------------------------------------------------------------ data
     loader = build_train_loader(cfg, dist)
 
-    # ------------------------------------------------------------------ model
-    model = MoCo(cfg.model).to(dist.device)
-    if cfg.data.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if dist.world_size > 1:
-        device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-        model.wrap_query_encoder(lambda m: DistributedDataParallel(m, device_ids=device_ids))
-
-    # ------------------------------------------------------------------ optimizer
-    optimizer = build_optimizer(cfg.optim, model, peak_lr)
-    amp_dtype = autocast_dtype(cfg.optim.precision, dist.device)
-    scaler = torch.amp.GradScaler(dist.device.type, enabled=amp_dtype == torch.float16)
+    # ------------------------------------------------------------------ model and optimizer
+    model, optimizer, amp_dtype, scaler = build_model_and_optimizer(cfg, dist, peak_lr)
 
     # ------------------------------------------------------------------ resume
     step, pairs_seen, run_id = 0, 0, None

@@ -38,19 +38,14 @@ COLUMNS = [
 def run_loop(cfg: config_lib.Config, device: torch.device, warmup: int, steps: int, profiler=None) -> dict:
     """Train ``warmup + steps`` steps of the real loop; return per-step timings of the last ``steps``."""
     import train
-    from model import MoCo, autocast_dtype, build_optimizer
     from pipeline import build_train_loader
 
     torch.manual_seed(cfg.run.seed)
     loader = build_train_loader(cfg, DistInfo(device=device))
     try:
-        model = MoCo(cfg.model).to(device)
-        if cfg.data.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model, optimizer, amp, scaler = train.build_model_and_optimizer(
+            cfg, DistInfo(device=device), config_lib.learning_rate(cfg, 1))
         model.train()
-        optimizer = build_optimizer(cfg.optim, model, config_lib.learning_rate(cfg, 1))
-        amp = autocast_dtype(cfg.optim.precision, device)
-        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
         batches = iter(loader)
 
         def step(clock: StepClock | None) -> None:

@@ -33,6 +33,7 @@ from benchmarks.context import Context
 from benchmarks.flops import forward_flops_per_image, mfu, peak_bf16_flops
 from benchmarks.report import Column, SuiteResult
 from benchmarks.timing import measure_interleaved
+from distributed import DistInfo
 
 COLUMNS = [
     Column("pairs_per_s", "pairs/s", "{:,.1f}"),
@@ -60,20 +61,16 @@ def _views(cfg: config_lib.Config, batch: int, device: torch.device, seed: int =
 def _moco_step(cfg: config_lib.Config, device: torch.device, baseline: bool) -> Callable[[], object]:
     """One real training step of ours (``model.MoCo``) or the original-structure baseline, as a closure."""
     import train
-    from model import MoCo, autocast_dtype, build_optimizer
+    from model import MoCo
 
     if baseline:
         from model.baseline import BaselineMoCo as cls
     else:
         cls = MoCo
     torch.manual_seed(cfg.run.seed)
-    model = cls(cfg.model).to(device)
-    if cfg.data.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model, optimizer, amp, scaler = train.build_model_and_optimizer(
+        cfg, DistInfo(device=device), config_lib.learning_rate(cfg, 1), model_cls=cls)
     model.train()
-    optimizer = build_optimizer(cfg.optim, model, config_lib.learning_rate(cfg, 1))
-    amp = autocast_dtype(cfg.optim.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     view_q, view_k = _views(cfg, cfg.data.batch_size, device)
     momentum = cfg.model.momentum
 

@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 import config as config_lib
 import distributed
@@ -37,7 +36,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     import train
-    from model import MoCo, autocast_dtype, build_optimizer
 
     dist = distributed.setup_distributed("auto", 600.0)
     try:
@@ -46,16 +44,9 @@ def main(argv: list[str] | None = None) -> None:
         }, model={"arch": args.arch, "queue_size": args.queue_size, "shuffle_bn": args.shuffle_bn},
             optim={"precision": args.precision})
         torch.manual_seed(0)
-        model = MoCo(cfg.model).to(dist.device)
-        if cfg.data.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if dist.world_size > 1:
-            ids = [dist.device.index] if dist.device.type == "cuda" else None
-            model.wrap_query_encoder(lambda m: DistributedDataParallel(m, device_ids=ids))
+        model, optimizer, amp, scaler = train.build_model_and_optimizer(
+            cfg, dist, config_lib.learning_rate(cfg, dist.world_size))
         model.train()
-        optimizer = build_optimizer(cfg.optim, model, config_lib.learning_rate(cfg, dist.world_size))
-        amp = autocast_dtype(cfg.optim.precision, dist.device)
-        scaler = torch.amp.GradScaler(dist.device.type, enabled=amp == torch.float16)
         gen = torch.Generator().manual_seed(1 + dist.rank)
         shape = (args.batch_per_rank, 3, args.crop, args.crop)
         views = [torch.randn(shape, generator=gen).to(dist.device, amp or torch.float32) for _ in range(2)]
