@@ -210,6 +210,16 @@ def _flag_index() -> dict[str, tuple[str, str]]:
     return index
 
 
+def build_dataclass(cls: type, raw: dict[str, Any], source: str, prefix: str = "") -> Any:
+    """One config dataclass from a flat mapping: unknown keys and wrong types are one-line ConfigErrors."""
+    hints = _field_types(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}'")
+    return cls(**{k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in raw.items()})
+
+
 def from_dict(values: dict[str, Any], source: str = "config") -> Config:
     """Build a validated Config from a nested dict ``{group: {field: value}}``.
 
@@ -225,13 +235,7 @@ def from_dict(values: dict[str, Any], source: str = "config") -> Config:
         raw = values.get(group) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: '{group}' must be a mapping of fields")
-        hints = _field_types(cls)
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in raw:
-            if key not in known:
-                raise ConfigError(f"{source}: unknown key '{group}.{key}'")
-        kwargs = {k: _coerce(v, hints[k], f"{group}.{k}") for k, v in raw.items()}
-        groups[group] = cls(**kwargs)
+        groups[group] = build_dataclass(cls, raw, source, prefix=f"{group}.")
     for group in values:
         if group not in GROUPS:
             raise ConfigError(f"{source}: unknown group '{group}' (expected one of {', '.join(GROUPS)})")
@@ -381,15 +385,11 @@ def parse_dataclass(cls: type, argv: list[str] | None = None, description: str =
             raise ConfigError(f"{args.config}: cannot read config ({str(exc).splitlines()[0]})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{args.config}: top level must be a mapping of fields")
-    hints = _field_types(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in values:
-        if key not in known:
-            raise ConfigError(f"{args.config}: unknown key '{key}'")
-    for name in known:
-        if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
-    return cls(**{k: _coerce(v, hints[k], k) for k, v in values.items()})
+    build_dataclass(cls, values, str(args.config))  # reject unknown keys in the file before flags mix in
+    for f in dataclasses.fields(cls):
+        if getattr(args, f.name) is not None:
+            values[f.name] = getattr(args, f.name)
+    return build_dataclass(cls, values, "command line")
 
 
 def parse_config(argv: list[str] | None = None, description: str = "MoCo pre-training") -> Config:
