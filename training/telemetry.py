@@ -66,8 +66,10 @@ class RunLogger:
         self.history: list[dict[str, Any]] = []
         self.step_times: list[float] = []
         self._start = time.monotonic()
+        self._progress = None
         if not enabled:
             return
+        self._progress = _live_progress(total_steps)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a")
         if wandb_mode != "disabled":
@@ -94,15 +96,19 @@ class RunLogger:
         elapsed = time.monotonic() - self._start
         pairs_per_s = metrics.get("pairs_per_s", 0.0)
         remaining = (self.total_steps - step) * metrics.get("step_time_s", 0.0)
-        line = (
-            f"step {step:>7d}/{self.total_steps}  loss {metrics.get('loss', math.nan):.4f}  "
+        fields = (
+            f"loss {metrics.get('loss', math.nan):.4f}  "
             f"acc1 {metrics.get('acc1', math.nan):5.1f}  lr {metrics.get('lr', 0):.4g}  "
             f"{pairs_per_s:8.1f} pairs/s  data-wait {100 * metrics.get('data_wait_share', 0):4.1f}%  "
             f"elapsed {_hms(elapsed)}  ETA {_hms(remaining)}"
         )
         if metrics.get("bad_samples"):
-            line += f"  bad samples {int(metrics['bad_samples'])}"
-        print(line, flush=True)
+            fields += f"  bad samples {int(metrics['bad_samples'])}"
+        if self._progress is not None:  # a terminal: one live bar + metrics, updated in place
+            progress, task = self._progress
+            progress.update(task, completed=step, metrics=fields)
+        else:  # a log file (cluster jobs): one line per log step
+            print(f"step {step:>7d}/{self.total_steps}  {fields}", flush=True)
 
     def log_eval(self, step: int, metrics: dict[str, float]) -> None:
         """Record evaluation results (e.g. kNN top-1) at ``step``."""
@@ -139,6 +145,8 @@ class RunLogger:
         """Write summary.json (throughput and step-time percentiles) and loss_curve.png; close W&B."""
         if not self.enabled:
             return summary
+        if self._progress is not None:
+            self._progress[0].stop()
         if self.step_times:
             times = sorted(self.step_times)
             summary["step_time_s"] = {
@@ -178,6 +186,23 @@ class RunLogger:
         fig.tight_layout()
         fig.savefig(self.run_dir / "loss_curve.png", dpi=100)
         plt.close(fig)
+
+
+def _live_progress(total_steps: int):
+    """A rich progress bar when stdout is a terminal (None otherwise, or without rich): (Progress, task id)."""
+    try:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    except ImportError:
+        return None
+    console = Console()
+    if not console.is_terminal:
+        return None
+    progress = Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(bar_width=24), TimeRemainingColumn(),
+                        TextColumn("{task.fields[metrics]}"), console=console)
+    task = progress.add_task("train", total=total_steps, metrics="")
+    progress.start()
+    return progress, task
 
 
 def _hms(seconds: float) -> str:
