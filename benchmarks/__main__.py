@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: built from the embedded real photos by the real builder)")
     run.add_argument("--corpus", default="", help="folder of real images for the shards suite and for building "
                      "shards (default: crops of the embedded photos, ~500x375; needs scikit-image)")
+    run.add_argument("--only", default="", help="model suite: measure only the configurations whose name matches this "
+                     "regular expression (e.g. 'compile|ours bf16\\+cl$'), with their plain-step references")
     run.add_argument("--torch-threads", type=int, default=0,
                      help="torch intra-op threads (0: torch's default; --quick on a CPU: 1, because on a shared "
                           "2-core machine two OpenMP threads that spin-wait for each other run a step 5-10x slower)")
@@ -106,6 +109,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     machine = machine_info()
     machine["torch_threads"] = torch.get_num_threads()
     sizes = Sizes.quick(machine["cpu_cores"]) if args.quick else Sizes.full(machine["cpu_cores"])
+    try:
+        re.compile(args.only)
+    except re.error as exc:
+        print(f"error: --only {args.only!r}: not a regular expression ({exc})", file=sys.stderr)
+        return 2
     for flag, value in (("--shards", args.shards), ("--corpus", args.corpus)):
         if value and not Path(value).is_dir():
             print(f"error: {flag} {value}: not a directory", file=sys.stderr)
@@ -114,7 +122,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     # relative entries against their own folder.
     ctx = Context(out_dir=Path(args.out).resolve(), quick=args.quick, device=device, sizes=sizes,
                   profile=args.profile, machine=machine, shard_dir=Path(args.shards).resolve() if args.shards else None,
-                  corpus_dir=Path(args.corpus).resolve() if args.corpus else None)
+                  corpus_dir=Path(args.corpus).resolve() if args.corpus else None, only=args.only)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     suites = ORDER if args.suite == "all" else tuple(x.strip() for x in args.suite.split(",") if x.strip())
     unknown = [x for x in suites if x not in ORDER]

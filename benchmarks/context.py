@@ -69,6 +69,7 @@ class Context:
     machine: dict = field(default_factory=dict)
     shard_dir: Path | None = None  # built once (or given by --shards), shared by the pipeline and e2e suites
     corpus_dir: Path | None = None  # --corpus: a folder of real images to use instead of the embedded photos
+    only: str = ""  # --only: regular expression; the model suite measures only the configurations it matches
 
     @property
     def work_dir(self) -> Path:

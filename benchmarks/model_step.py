@@ -24,6 +24,7 @@ the formulas of ``model.shuffle.traffic_bytes`` (the model's own accounting; sta
 from __future__ import annotations
 
 import gc
+import re
 from collections.abc import Callable
 
 import torch
@@ -194,6 +195,8 @@ def run(ctx: Context) -> SuiteResult:
     steps: dict[str, Callable[[], object]] = {}
     meta: dict[str, tuple[str, dict, float | None, str]] = {}  # name -> (group, params, peak MiB, precision key)
     for name, group, model_upd, other, baseline in _variants(ctx):
+        if ctx.only and not re.search(ctx.only, name):
+            continue
         if model_upd.get("compile") and (ctx.quick or not cuda):
             result.skip(name, "torch.compile warm-up takes minutes on a CPU; measured in full runs on a GPU")
             continue
