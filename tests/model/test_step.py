@@ -77,7 +77,7 @@ def test_no_cuda_sync_in_the_step(strategy):
     cfg = tiny_config(queue_size=100, shuffle_bn=strategy, split_bn_groups=2)
     model = MoCo(cfg.model).cuda().to(memory_format=torch.channels_last)
     opt = build_optimizer(cfg.optim, model, 0.1)
-    x = torch.randn(2, 8, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
+    x = [torch.randn(8, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last) for _ in range(2)]
     dtype = autocast_dtype("auto", "cuda")
     for step in range(3):
         if step == 2:  # after warm-up (the first steps allocate and may pick algorithms)
