@@ -66,6 +66,10 @@ class ModelConfig:
     """The MoCo model: encoder, head, queue, momentum, shuffle-BN."""
 
     arch: str = _f("resnet50", "torchvision encoder: resnet18/34/50/101/152, wide_resnet50_2, resnext50_32x4d, ...")
+    stem: Literal["imagenet", "cifar"] = _f(
+        "imagenet", "ResNet stem: imagenet (7x7 stride-2 conv + max-pool; recommended from ~96 px) or cifar (3x3 "
+        "stride-1 conv, no max-pool: keeps 32-64 px images at full resolution, as the MoCo CIFAR demo; ~16x the FLOPs "
+        "at the same size). A cifar-stem backbone does not load into torchvision's own ResNet: model/export.py says so.")
     head: Literal["mlp", "linear"] = _f("mlp", "Projection head: mlp (MoCo v2, recommended) or linear (MoCo v1).")
     dim: int = _f(128, "Embedding dimension of q and k. 128 as in the papers.")
     mlp_hidden_dim: int = _f(2048, "Hidden width of the MLP head. 2048 (= ResNet-50 feature width) as in MoCo v2.")

@@ -88,8 +88,8 @@ def _plain_step(cfg: config_lib.Config, device: torch.device) -> Callable[[], ob
 
     m = cfg.model
     torch.manual_seed(cfg.run.seed)
-    enc_q = build_encoder(m.arch, m.head, m.dim, m.mlp_hidden_dim).to(device)
-    enc_k = build_encoder(m.arch, m.head, m.dim, m.mlp_hidden_dim).to(device)
+    enc_q = build_encoder(m.arch, m.head, m.dim, m.mlp_hidden_dim, m.stem).to(device)
+    enc_k = build_encoder(m.arch, m.head, m.dim, m.mlp_hidden_dim, m.stem).to(device)
     if cfg.data.channels_last:
         enc_q, enc_k = enc_q.to(memory_format=torch.channels_last), enc_k.to(memory_format=torch.channels_last)
     if m.compile:
@@ -267,7 +267,7 @@ def _encoder_for_flops(cfg: config_lib.Config) -> torch.nn.Module:
     from model.encoder import build_encoder
 
     m = cfg.model
-    return build_encoder(m.arch, m.head, m.dim, m.mlp_hidden_dim)
+    return build_encoder(m.arch, m.head, m.dim, m.mlp_hidden_dim, m.stem)
 
 
 def _bytes_table(cfg: config_lib.Config, per_rank: int) -> dict:

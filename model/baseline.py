@@ -34,7 +34,7 @@ class BaselineMoCo(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.K, self.T = cfg.queue_size, cfg.temperature
-        self.encoder_q = encoder or build_encoder(cfg.arch, cfg.head, cfg.dim, cfg.mlp_hidden_dim)
+        self.encoder_q = encoder or build_encoder(cfg.arch, cfg.head, cfg.dim, cfg.mlp_hidden_dim, cfg.stem)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for p in self.encoder_k.parameters():
             p.requires_grad = False

@@ -8,8 +8,10 @@ Usage::
 Accepted checkpoints: this project's (``{"model": MoCo.state_dict(), "config": {...}}``), the original MoCo
 release (``{"state_dict": {"module.encoder_q.*": ...}, "arch": ...}``) and plain state dicts (for example an
 earlier torchvision export). The torchvision file loads into ``torchvision.models.<arch>()`` with only ``fc``
-missing. The detectron2 file renames keys as the original MoCo converter does (``stem.conv1``, ``res2..res5``,
-``shortcut``, BN as ``convN.norm``) and sets ``matching_heuristics`` so detectron2 maps the rest by shape.
+missing; a backbone trained with ``--stem cifar`` (3x3 conv1, no max-pool) loads after
+``model.encoder.use_cifar_stem(net)``, the command says so, and it has no detectron2 form (a one-line error).
+The detectron2 file renames keys as the original MoCo converter does (``stem.conv1``, ``res2..res5``, ``shortcut``,
+BN as ``convN.norm``) and sets ``matching_heuristics`` so detectron2 maps the rest by shape.
 With detectron2, set ``MODEL.PIXEL_MEAN/STD`` to ImageNet RGB statistics (times 255) and ``INPUT.FORMAT: RGB``:
 the backbone was trained on RGB images normalised that way, not on detectron2's default BGR/Caffe input.
 """
@@ -27,6 +29,8 @@ from typing import Any
 
 import torch
 import torchvision
+
+from model.encoder import build_backbone, use_cifar_stem
 
 # Prefixes under which a backbone's torchvision keys (conv1.weight, layer1.0.bn1.weight, ...) are stored, tried in
 # order. MoCo (model/moco.py) keeps the query encoder's torchvision trunk under "encoder_q.backbone." (model/encoder.py).
@@ -91,7 +95,6 @@ def backbone_state_dict(state: dict[str, torch.Tensor], arch: str) -> OrderedDic
         CheckpointError: unknown architecture, no backbone under any known prefix, or names/shapes that do
             not match ``arch`` (a checkpoint of another architecture).
     """
-    reference = torchvision_state_template(arch)
     # Wrappers add name segments: torch.compile "_orig_mod.", DDP around an encoder "module.".
     state = {k.replace("_orig_mod.", "").replace("encoder_q.module.", "encoder_q."): v for k, v in state.items()}
     for prefix in BACKBONE_PREFIXES:
@@ -100,6 +103,7 @@ def backbone_state_dict(state: dict[str, torch.Tensor], arch: str) -> OrderedDic
     else:
         raise CheckpointError(f"no backbone found in the checkpoint (no *conv1.weight under {', '.join(BACKBONE_PREFIXES[:-1])})")
     trunk = OrderedDict((k[len(prefix):], v) for k, v in state.items() if k.startswith(prefix) and isinstance(v, torch.Tensor))
+    reference = torchvision_state_template(arch, stem_of(trunk))
     missing = [k for k in reference if k not in trunk]
     if missing:
         raise CheckpointError(f"checkpoint does not match {arch}: {len(missing)} backbone tensors missing (e.g. {prefix}{missing[0]})")
@@ -114,14 +118,25 @@ def backbone_state_dict(state: dict[str, torch.Tensor], arch: str) -> OrderedDic
     return OrderedDict((k, trunk[k].detach().clone().contiguous()) for k in reference)
 
 
-def torchvision_state_template(arch: str) -> OrderedDict[str, torch.Tensor]:
-    """Names and shapes (on the meta device: no memory) of ``torchvision.models.<arch>()`` without ``fc``."""
+def stem_of(weights: dict[str, torch.Tensor]) -> str:
+    """``cifar`` when the trunk's ``conv1`` is the 3x3 CIFAR stem (model/encoder.py), else ``imagenet`` (7x7)."""
+    conv1 = weights.get("conv1.weight")
+    return "cifar" if conv1 is not None and conv1.dim() == 4 and tuple(conv1.shape[-2:]) == (3, 3) else "imagenet"
+
+
+def torchvision_state_template(arch: str, stem: str = "imagenet") -> OrderedDict[str, torch.Tensor]:
+    """Names and shapes (on the meta device: no memory) of ``torchvision.models.<arch>()`` without ``fc``.
+
+    With ``stem="cifar"``, of the same network after :func:`model.encoder.use_cifar_stem` (conv1 is 3x3).
+    """
     try:
         builder = torchvision.models.get_model_builder(arch)
     except ValueError:
         raise CheckpointError(f"unknown torchvision architecture {arch!r}") from None
     with torch.device("meta"):
         model = builder()
+        if stem == "cifar":
+            use_cifar_stem(model)
     return OrderedDict((k, v) for k, v in model.state_dict().items() if not k.startswith("fc."))
 
 
@@ -137,8 +152,7 @@ def load_backbone(source: str | os.PathLike | dict, arch: str | None = None) -> 
     if not arch:
         raise CheckpointError("the checkpoint records no architecture; pass --arch")
     weights = backbone_state_dict(state, arch)
-    model = torchvision.models.get_model(arch)
-    model.fc = torch.nn.Identity()
+    model, _ = build_backbone(arch, stem_of(weights))
     model.load_state_dict(weights, strict=True)
     return model
 
@@ -152,6 +166,9 @@ def to_detectron2(weights: dict[str, torch.Tensor], author: str = "moco-dali") -
     """
     if "layer4.0.conv1.weight" not in weights:
         raise CheckpointError("detectron2 export needs a ResNet backbone (layer1..layer4)")
+    if stem_of(weights) == "cifar":
+        raise CheckpointError("detectron2 export needs the imagenet stem; this backbone has the cifar stem "
+                              "(3x3 conv1, no max-pool), which detectron2's ResNet cannot express")
     out: dict[str, Any] = {}
     for name, value in weights.items():
         if name.endswith("num_batches_tracked") or name.startswith("fc."):
@@ -200,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.format} weights to {path}")
+    if args.format == "torchvision" and stem_of(torch.load(path, map_location="cpu", weights_only=True)) == "cifar":
+        print("note: cifar stem (3x3 conv1, no max-pool): load into torchvision.models.<arch>() after "
+              "model.encoder.use_cifar_stem(net), or with model.export.load_backbone(path)")
     return 0
 
 

@@ -78,7 +78,7 @@ class MoCo(nn.Module):
         self.temperature = cfg.temperature
         self.symmetric = cfg.symmetric
 
-        self.encoder_q = encoder or build_encoder(cfg.arch, cfg.head, cfg.dim, cfg.mlp_hidden_dim)
+        self.encoder_q = encoder or build_encoder(cfg.arch, cfg.head, cfg.dim, cfg.mlp_hidden_dim, cfg.stem)
         if self.shuffle_bn == "split":
             convert_split_bn(self.encoder_q, cfg.split_bn_groups)
         self.encoder_k = copy.deepcopy(self.encoder_q)

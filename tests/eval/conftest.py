@@ -59,9 +59,9 @@ def write_labelled_shards(root: Path, images: list[Image.Image], labels: np.ndar
     return root
 
 
-def moco_checkpoint(path, arch: str = "resnet18", seed: int = 0, train_steps: int = 1):
+def moco_checkpoint(path, arch: str = "resnet18", seed: int = 0, train_steps: int = 1, stem: str = "imagenet"):
     """A checkpoint as train.py writes it, after a few real momentum updates (so encoder_q != encoder_k)."""
-    cfg = config_lib.replace(config_lib.Config(), model={"arch": arch, "queue_size": 64, "mlp_hidden_dim": 32,
+    cfg = config_lib.replace(config_lib.Config(), model={"arch": arch, "stem": stem, "queue_size": 64, "mlp_hidden_dim": 32,
                                                          "dim": 16, "momentum": 0.5, "split_bn_groups": 2})
     torch.manual_seed(seed)
     model = MoCo(cfg.model)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torchvision
 
+from model.encoder import use_cifar_stem
 from model.export import CheckpointError, backbone_state_dict, export, load_backbone, load_checkpoint, to_detectron2
 from model.export import main as export_main
 from model.labelled_data import LabelledImages, eval_transform
@@ -45,6 +46,39 @@ def test_torchvision_round_trip_gives_the_query_encoder_features(checkpoint, tmp
     # The same weights straight from the checkpoint dict, without a file.
     assert all(torch.equal(a, b) for a, b in zip(load_backbone(torch.load(path, weights_only=True)).state_dict().values(),
                                                  net.state_dict().values()))
+
+
+@pytest.fixture(scope="module")
+def cifar_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt_cifar") / "ckpt.pt"
+    return path, moco_checkpoint(path, train_steps=2, stem="cifar")
+
+
+def test_cifar_stem_round_trip(cifar_checkpoint, tmp_path, digits_folders, capsys):
+    """A --stem cifar backbone loads (kNN, linear eval), exports with a note, and refuses detectron2 in one line."""
+    path, model = cifar_checkpoint
+    images = digit_batch(digits_folders)
+    with torch.no_grad():
+        expected = model.encoder_q.backbone.eval()(images)
+        assert torch.equal(load_backbone(path).eval()(images), expected)  # what linear_eval.py loads
+    out = tmp_path / "r18_cifar.pth"
+    assert export_main([str(path), "--format", "torchvision", "--out", str(out)]) == 0
+    assert "use_cifar_stem" in capsys.readouterr().out
+    weights = torch.load(out, weights_only=True)
+    net = torchvision.models.resnet18()
+    with pytest.raises(RuntimeError, match="conv1.weight"):  # torchvision's own 7x7 stem cannot take it
+        net.load_state_dict(weights, strict=False)
+    use_cifar_stem(net)
+    missing, unexpected = net.load_state_dict(weights, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+    net.fc = torch.nn.Identity()
+    with torch.no_grad():
+        assert torch.equal(net.eval()(images), expected)
+        assert torch.equal(load_backbone(out, "resnet18").eval()(images), expected)  # stem read off conv1's shape
+    with pytest.raises(CheckpointError, match="cifar stem"):
+        export(path, "detectron2", tmp_path / "r18_cifar.pkl")
+    assert export_main([str(path), "--format", "detectron2", "--out", str(tmp_path / "r18_cifar.pkl")]) == 2
+    assert "cifar stem" in capsys.readouterr().err
 
 
 def test_detectron2_names_and_values(checkpoint, tmp_path):
