@@ -55,6 +55,10 @@ def build_model_and_optimizer(cfg: Config, dist: distributed.DistInfo, lr: float
 
     Benchmarks call this too, with ``model_cls=BaselineMoCo`` for the original structure.
     """
+    if dist.device.type == "cuda":
+        # Fixed input sizes: cuDNN times its convolution algorithms in the first steps and keeps the fastest, as
+        # the original MoCo code does. GPU runs are not bit-reproducible across runs either way.
+        torch.backends.cudnn.benchmark = True
     model = model_cls(cfg.model).to(dist.device)
     if cfg.data.channels_last:
         model = model.to(memory_format=torch.channels_last)
