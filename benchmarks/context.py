@@ -28,7 +28,7 @@ class Sizes:
     pipeline_batches: tuple[int, ...]
     pipeline_threads: tuple[int, ...]
     pipeline_crop: int
-    pipeline_iters: int
+    pipeline_passes: int  # timed whole passes (each begins at a pass boundary)
     pipeline_warmup: int
     # e2e suite
     e2e_batch: int
@@ -46,7 +46,7 @@ class Sizes:
         threads = tuple(sorted({t for t in (4, 8, cores) if t <= max(cores, 1)})) or (max(cores, 1),)
         return cls(corpus_images=2048, short_side=(360, 400), images_per_shard=256, arch="resnet50", crop_size=224,
                    model_batch=256, queue_sizes=(4096, 65536), pipeline_batches=(128, 256),
-                   pipeline_threads=threads, pipeline_crop=224, pipeline_iters=5, pipeline_warmup=5, e2e_batch=256, e2e_steps=50,
+                   pipeline_threads=threads, pipeline_crop=224, pipeline_passes=4, pipeline_warmup=5, e2e_batch=256, e2e_steps=50,
                    warmup=10, iters=10, repeats=5, ingest_images=512)
 
     @classmethod
@@ -54,7 +54,7 @@ class Sizes:
         threads = tuple(sorted({1, max(min(cores, 2), 1)}))
         return cls(corpus_images=48, short_side=(360, 400), images_per_shard=16, arch="resnet18", crop_size=32,
                    model_batch=16, queue_sizes=(256,), pipeline_batches=(8,), pipeline_threads=threads,
-                   pipeline_crop=64, pipeline_iters=2, pipeline_warmup=1, e2e_batch=16, e2e_steps=4, warmup=1, iters=1, repeats=3, ingest_images=64)
+                   pipeline_crop=64, pipeline_passes=2, pipeline_warmup=1, e2e_batch=16, e2e_steps=4, warmup=1, iters=1, repeats=3, ingest_images=64)
 
 
 @dataclass

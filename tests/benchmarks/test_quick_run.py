@@ -72,5 +72,17 @@ def test_quick_run_measures_every_suite_against_its_baseline(quick_run):
     assert "fp32" in model["extra"]["moco_overhead"]
     e2e = docs["e2e"]["rows"][0]["metrics"]
     assert e2e["step_ms_p50"] <= e2e["step_ms_p90"] <= e2e["step_ms_p99"]
+    # pass boundaries reported apart from the steady state, so any corpus size's figure can be worked out
+    for row in docs["pipeline"]["rows"]:
+        m = row["metrics"]
+        assert m["batches_per_pass"] == row["params"]["batches_per_pass"] == 6  # 48 images, batches of 8
+        assert m["pairs_per_s"]["min"] > 0 and m["pairs_per_s_this_corpus"]["min"] > 0 and m["batch_ms"]["min"] > 0
+        assert m["boundary_ms_signed"]["n"] == docs["pipeline"]["config"]["timed_passes"]
+        assert all(math.isfinite(m["boundary_ms_signed"][k]) for k in ("median", "min", "max"))
+    for row in docs["e2e"]["rows"]:
+        m = row["metrics"]
+        assert m["pass_boundaries"] >= 1 and m["batches_per_pass"] == 3  # 48 images, batches of 16
+        assert 0 <= m["data_wait_share_in_pass"] <= 1 and m["pairs_per_s_in_pass"] > 0
+        assert math.isfinite(m["boundary_wait_ms_signed"]["median"]) and m["boundary_wait_ms_signed"]["n"] >= 1
     # scaling needs > 1 GPU: here a counted skip with its reason
     assert docs["scaling"]["skipped"] and "GPU" in docs["scaling"]["skipped"][0]["reason"]
