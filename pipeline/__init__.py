@@ -28,7 +28,8 @@ common batch count rather than short ranks padded with repeats (:mod:`pipeline.a
 sample is located by replaying the reader and excluded through a filtered copy of its index
 (:mod:`pipeline.dali_loader`). DALI's shuffle buffer keeps reading across the end of a rank's shard list,
 so a pass may draw a few samples of the (identical) next round of those shards before the last of this
-one; the pass boundary is where the shards are re-dealt and the reader rebuilt.
+one; the pass boundary is where the shards are re-dealt and the reader replaced (by one prepared ahead of the
+boundary, so that a small corpus does not stall every few batches: :class:`pipeline.loader.TrainLoader`).
 
 Decode once, crop twice vs ROI decode (``data.view_decode``). MoCo needs two crops of the same image. With
 ``once`` each JPEG is decoded fully a single time and both views are cropped from the decoded image; with

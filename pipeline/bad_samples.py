@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import threading
 from pathlib import Path
 
 from PIL import Image
@@ -59,10 +61,17 @@ def filtered_index(index_path: str | os.PathLike, drop_names: set[str], out_dir:
 
     DALI reads a sample at the offsets its index lists, so a sample missing from the index is never read:
     this is how a known-bad sample is excluded without rewriting the (possibly huge, read-only) shard.
+
+    The name is derived from ``drop_names``, and the file is written under a temporary name and renamed: the
+    DALI loader builds the next pass's pipeline in a background thread, which may write the same filtered
+    index while the loader's thread writes or reads it, and must never see a half-written one.
     """
     records = [r for r in read_index(index_path) if not any(f[3] in drop_names for f in r.files)]
     if not records:
         raise RuntimeError(f"every sample of {index_path} is corrupt")
-    out = out_dir / f"{Path(index_path).stem}.{len(drop_names)}.idx"
-    write_index(out, records)
+    digest = hashlib.blake2b("\n".join(sorted(drop_names)).encode(), digest_size=6).hexdigest()
+    out = out_dir / f"{Path(index_path).stem}.{len(drop_names)}-{digest}.idx"
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    write_index(tmp, records)
+    os.replace(tmp, out)
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import threading
 from typing import Any
 
 import torch
@@ -40,14 +41,48 @@ def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
+class Retirer:
+    """Releases finished passes' readers (a DALI pipeline, a DataLoader iterator) in background threads.
+
+    Their shutdown waits for worker threads or processes to exit (a forked DataLoader worker takes tens of
+    milliseconds to tear down its copy of the address space), which need not hold up the next batch.
+    """
+
+    def __init__(self) -> None:
+        self._threads: list[threading.Thread] = []
+
+    def retire(self, holder: list[Any]) -> None:
+        """Release the object in ``holder`` (a one-element list holding its only reference) in a thread."""
+        self._threads = [t for t in self._threads if t.is_alive()]
+        if holder and holder[0] is not None:
+            thread = threading.Thread(target=holder.clear, name="loader-retire", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def join(self) -> None:
+        """Wait until everything retired so far is released."""
+        for thread in self._threads:
+            thread.join()
+        self._threads = []
+
+
 class TrainLoader:
     """What both backends share: the shard plan, the stream position, bad-sample counts, output format.
 
     Subclasses implement ``_next_batch() -> (view_q, view_k)`` for the current ``(pass_index, batch_in_pass)``
     and the backend part of ``state_dict``/``load_state_dict``.
+
+    Pass boundaries: every pass re-deals the shards, so a backend needs a new reader (a DALI pipeline, new
+    DataLoader workers) for the next pass. Built at the boundary, its start-up is a stall of seconds, which a
+    small corpus of a few batches per pass pays every few batches. So once at most ``prepare_ahead`` batches of
+    the pass are left (and at least one has been delivered), ``_prepare_next_pass()`` starts preparing the next
+    pass's reader while this one still delivers, and ``_start_pass()`` switches to it at the boundary. What is
+    prepared is exactly what the boundary would build, so the stream is the same bits with or without it;
+    ``prepare_ahead = None`` turns it off.
     """
 
     backend = ""
+    prepare_ahead: int | None = None  # set by each backend; None: build the next pass's reader at the boundary
 
     def __init__(self, cfg: Config, dist: DistInfo):
         self.cfg = cfg
@@ -62,6 +97,8 @@ class TrainLoader:
         self.pass_index = 0
         self.batch_in_pass = 0
         self.bad = BadSampleLog()
+        self.passes_prepared_ahead = 0  # boundaries that switched to a reader prepared ahead (not built there)
+        self.retirer = Retirer()
 
     # ------------------------------------------------------------------ stream
     def __iter__(self) -> TrainLoader:
@@ -74,6 +111,8 @@ class TrainLoader:
             self._start_pass()
         views = self._next_batch()
         self.batch_in_pass += 1
+        if self.prepare_ahead is not None and self.batches_per_pass - self.batch_in_pass <= self.prepare_ahead:
+            self._prepare_next_pass()
         return views
 
     @property
@@ -149,6 +188,10 @@ class TrainLoader:
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def _prepare_next_pass(self) -> None:
+        """Start preparing pass ``pass_index + 1``'s reader (called after every batch near the end of a pass:
+        a no-op when it is already under way)."""
 
     def _backend_state(self) -> dict[str, Any]:
         return {}

@@ -6,6 +6,16 @@ plan. Within a pass, the rank's shards are dealt round-robin to ``W`` streams (o
 every cycle), so the DataLoader's strict round-robin makes batch ``j`` of the pass come from stream
 ``j % W``. Every random draw is seeded from (seed, pass, rank, stream, sample position), so a resumed
 stream skips the samples it already consumed without decoding them and then produces the same bits.
+
+Pass boundaries: each pass has its own DataLoader (the shards, and so the streams, change). A stream stops
+after its share of the pass's batches, so the workers go idle, and shut down at once, when the pass ends
+(endless streams kept computing batches nobody would take, and shutting them down waited for those, up to
+5 s per worker). Even idle, a forked worker takes tens of milliseconds to exit (the kernel tears down its
+copy of this process's address space), so the finished pass's DataLoader is shut down in a background thread
+(``TrainLoader.retirer``).
+The next pass's DataLoader is started ``prepare_ahead`` batches before the end of the pass, so its workers are
+forked and have their first batches ready by the boundary. The fork itself still runs on this thread (in the
+pass, no longer at the boundary): forking from another thread would hold the GIL all the same.
 """
 
 from __future__ import annotations
@@ -56,10 +66,10 @@ class _PassStreams(IterableDataset):
     """The streams of one pass on one rank; DataLoader worker ``w`` runs stream ``(w + rotate) % W``."""
 
     def __init__(self, shard_urls: list[str], index_of: dict[str, str], num_streams: int, batch: int, recipe: Recipe,
-                 size: int, buffer: int, seed_parts: tuple, skip: list[int], rotate: int):
+                 size: int, buffer: int, seed_parts: tuple, skip: list[int], rotate: int, quota: list[int]):
         self.shard_urls, self.index_of, self.num_streams, self.batch = shard_urls, index_of, num_streams, batch
         self.recipe, self.size, self.buffer, self.seed_parts = recipe, size, buffer, seed_parts
-        self.skip, self.rotate = skip, rotate
+        self.skip, self.rotate, self.quota = skip, rotate, quota  # quota: batches left to yield, per stream
 
     def _raw(self, stream: int) -> Iterator[dict]:
         """Samples of this stream's shards, cycling, through a seeded shuffle buffer."""
@@ -85,6 +95,9 @@ class _PassStreams(IterableDataset):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         stream = (worker + self.rotate) % self.num_streams
+        left = self.quota[stream]
+        if left <= 0:
+            return
         transform = build_view_transform(self.recipe, self.size)
         offsets: dict[str, dict[str, int]] = {}
         views_q, views_k, bad = [], [], []
@@ -116,6 +129,9 @@ class _PassStreams(IterableDataset):
             if len(views_q) == self.batch:
                 yield torch.stack(views_q), torch.stack(views_k), stream, position + 1, bad
                 views_q, views_k, bad = [], [], []
+                left -= 1
+                if left == 0:
+                    return
 
 
 class TorchLoader(TrainLoader):
@@ -126,44 +142,62 @@ class TorchLoader(TrainLoader):
     def __init__(self, cfg: Config, dist: DistInfo):
         super().__init__(cfg, dist)
         self._iter: Iterator | None = None
-        self._loader: DataLoader | None = None
+        self._next: tuple[int, Iterator] | None = None  # (pass, its DataLoader iterator) started ahead
+        # Enough batches for the next pass's workers to start and make their first batch (each worker makes
+        # a whole batch) while this pass's last (prefetch + 1) x workers batches are delivered.
+        self.prepare_ahead = (cfg.data.prefetch + 1) * max(1, cfg.data.num_threads)
         self.consumed: list[int] = []  # raw samples consumed per stream in this pass (the resume position)
         mean = torch.tensor(self.recipe.mean).view(1, 3, 1, 1) * 255
         std = torch.tensor(self.recipe.std).view(1, 3, 1, 1) * 255
         self._mean, self._std = mean.to(self.device), std.to(self.device)
 
-    def _num_streams(self) -> int:
-        return max(1, min(self.cfg.data.num_threads, len(self.my_shards(self.pass_index))))
+    def _num_streams(self, pass_index: int) -> int:
+        return max(1, min(self.cfg.data.num_threads, len(self.my_shards(pass_index))))
 
-    def _open(self) -> None:
-        shards = self.my_shards(self.pass_index)
+    def _open(self, pass_index: int, consumed: list[int], start: int) -> Iterator:
+        """A DataLoader iterator over batches ``start`` to the end of ``pass_index``, whose streams have already
+        consumed ``consumed`` raw samples (all zero from the start of the pass)."""
+        shards = self.my_shards(pass_index)
         entries = [self.manifest.shards[i] for i in shards]
         urls = [str(self.manifest.tar_path(e)) for e in entries]
         index_of = {str(self.manifest.tar_path(e)): str(self.manifest.index_path(e)) for e in entries}
-        streams = self._num_streams()
-        if len(self.consumed) != streams:
-            self.consumed = [0] * streams
+        streams = len(consumed)
+        # batch j of the pass comes from stream j % streams: stream s owns the j in [start, B) with j = s mod W
+        quota = [len(range(start + (s - start) % streams, self.batches_per_pass, streams)) for s in range(streams)]
         dataset = _PassStreams(
             urls, index_of, streams, self.local_batch_size, self.recipe, self.cfg.data.crop_size,
-            max(1, self.cfg.data.shuffle_buffer // streams), (self.cfg.run.seed, self.pass_index, self.dist.rank),
-            list(self.consumed), rotate=self.batch_in_pass % streams)
-        self._loader = DataLoader(
+            max(1, self.cfg.data.shuffle_buffer // streams), (self.cfg.run.seed, pass_index, self.dist.rank),
+            list(consumed), rotate=start % streams, quota=quota)
+        loader = DataLoader(
             dataset, batch_size=None, num_workers=streams, prefetch_factor=self.cfg.data.prefetch,
             pin_memory=self.device.type == "cuda", persistent_workers=False, worker_init_fn=_one_thread_per_worker,
             multiprocessing_context="fork" if torch.multiprocessing.get_start_method(True) in (None, "fork") else None)
-        self._iter = iter(self._loader)
+        return iter(loader)
+
+    def _prepare_next_pass(self) -> None:
+        if self._next is None:
+            upcoming = self.pass_index + 1
+            self._next = (upcoming, self._open(upcoming, [0] * self._num_streams(upcoming), 0))
 
     def _start_pass(self) -> None:
-        self._shutdown()
-        self.consumed = []
+        holder, self._iter = [self._iter], None  # its workers have delivered their share of the pass, are idle
+        self.retirer.retire(holder)
+        self.consumed = [0] * self._num_streams(self.pass_index)
+        upcoming, self._next = self._next, None
+        if upcoming is not None and upcoming[0] == self.pass_index:
+            self._iter = upcoming[1]
+            self.passes_prepared_ahead += 1
 
     def _shutdown(self) -> None:
         self._iter = None
-        self._loader = None
+        self._next = None
+        self.retirer.join()
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._iter is None:
-            self._open()
+            if len(self.consumed) != self._num_streams(self.pass_index):
+                self.consumed = [0] * self._num_streams(self.pass_index)
+            self._iter = self._open(self.pass_index, self.consumed, self.batch_in_pass)
         q, k, stream, consumed, bad = next(self._iter)
         self.consumed[stream] = consumed
         for loc in bad:
