@@ -197,8 +197,8 @@ def run(ctx: Context) -> SuiteResult:
     for name, group, model_upd, other, baseline in _variants(ctx):
         if ctx.only and not re.search(ctx.only, name):
             continue
-        if model_upd.get("compile") and (ctx.quick or not cuda):
-            result.skip(name, "torch.compile warm-up takes minutes on a CPU; measured in full runs on a GPU")
+        if model_upd.get("compile") and ctx.quick and not cuda:
+            result.skip(name, "--quick: torch.compile's warm-up takes minutes on a CPU (measured in full runs)")
             continue
         if ctx.quick and other["precision"] == "bf16" and (not cuda or name == "ours bf16"):
             # A CPU without bf16 units emulates bf16 convolutions several times slower than fp32.

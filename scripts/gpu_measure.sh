@@ -46,7 +46,8 @@ run_stage() {  # one named measurement of the chain
     pipeline) stage pipeline 360 python3 -m benchmarks run --suite pipeline --shards $SHARDS --out $RES/bench ;;
     e2e) stage e2e 300 python3 -m benchmarks run --suite e2e --shards $SHARDS --out $RES/bench ;;
     gpu_tests) stage gpu_tests 300 python3 -m pytest -q -p no:cacheprovider tests/pipeline/test_gpu.py \
-                 tests/model/test_step.py::test_no_cuda_sync_in_the_step ;;
+                 tests/model/test_step.py::test_no_cuda_sync_in_the_step \
+                 tests/model/test_compile.py ;;
     train)  # SIGTERM mid-run (checkpoint, exit 0), then the same command resumes and finishes
       stage train_sigterm 60 timeout -s TERM 45 "${train[@]}"
       stage train_resume 200 "${train[@]}"
