@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: built from the embedded real photos by the real builder)")
     run.add_argument("--corpus", default="", help="folder of real images for the shards suite and for building "
                      "shards (default: crops of the embedded photos, ~500x375; needs scikit-image)")
-    run.add_argument("--only", default="", help="model suite: measure only the configurations whose name matches this "
-                     "regular expression (e.g. 'compile|ours bf16\\+cl$'), with their plain-step references")
+    run.add_argument("--only", default="", help="measure only the configurations whose name matches this regular "
+                     "expression (model: 'compile|ours bf16\\+cl$', with their plain-step references; pipeline: "
+                     "'batch=256'; e2e: 'DALI GPU|PyTorch')")
     run.add_argument("--torch-threads", type=int, default=0,
                      help="torch intra-op threads (0: torch's default; --quick on a CPU: 1, because on a shared "
                           "2-core machine two OpenMP threads that spin-wait for each other run a step 5-10x slower)")

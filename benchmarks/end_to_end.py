@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import re
 import time
 
 import torch
@@ -99,6 +100,8 @@ def run(ctx: Context) -> SuiteResult:
                          columns=COLUMNS, plot_metric="pairs_per_s")
     for label, data_upd in backends(device):
         name = f"train loop, {label} loader"
+        if ctx.only and not re.search(ctx.only, name):
+            continue
         cfg = config_lib.replace(base, data=data_upd)
         gc.collect()
         timing = run_loop(cfg, device, s.warmup, s.e2e_steps, ctx.profiler(f"e2e-{label}"))

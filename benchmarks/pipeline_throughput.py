@@ -22,6 +22,7 @@ the same threads and batch.
 from __future__ import annotations
 
 import gc
+import re
 
 import torch
 
@@ -93,6 +94,8 @@ def run(ctx: Context) -> SuiteResult:
     for label, data_upd, points in plan:
         for threads, batch in points:
             name = f"{label} threads={threads} batch={batch}"
+            if ctx.only and not re.search(ctx.only, name):
+                continue
             cfg = config_lib.replace(config_lib.Config(), data={
                 "shards": str(shards), "crop_size": s.pipeline_crop, "batch_size": batch, "num_threads": threads,
                 "recipe": "v2", "shuffle_buffer": min(256, 4 * batch), **data_upd,

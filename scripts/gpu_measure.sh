@@ -43,8 +43,10 @@ run_stage() {  # one named measurement of the chain
     model) stage model 420 python3 -m benchmarks run --suite model --out $RES/bench --only '^(?!.*compile)' ;;
     model_compile) stage model_compile 420 python3 -m benchmarks run --suite model --out $RES/bench_compile \
                      --only 'compile|^ours bf16\+cl$' ;;
-    pipeline) stage pipeline 360 python3 -m benchmarks run --suite pipeline --shards $SHARDS --out $RES/bench ;;
-    e2e) stage e2e 300 python3 -m benchmarks run --suite e2e --shards $SHARDS --out $RES/bench ;;
+    # PIPELINE_ONLY / E2E_ONLY: optional --only regular expressions (e.g. 'batch=256', 'DALI GPU|PyTorch').
+    pipeline) stage pipeline 360 python3 -m benchmarks run --suite pipeline --shards $SHARDS --out $RES/bench \
+                ${PIPELINE_ONLY:+--only "$PIPELINE_ONLY"} ;;
+    e2e) stage e2e 300 python3 -m benchmarks run --suite e2e --shards $SHARDS --out $RES/bench ${E2E_ONLY:+--only "$E2E_ONLY"} ;;
     gpu_tests) stage gpu_tests 300 python3 -m pytest -q -p no:cacheprovider tests/pipeline/test_gpu.py \
                  tests/model/test_step.py::test_no_cuda_sync_in_the_step \
                  tests/model/test_compile.py ;;

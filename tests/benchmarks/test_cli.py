@@ -29,3 +29,11 @@ def test_scaling_on_a_machine_without_gpus_is_a_counted_skip(tmp_path, capsys):
     (tmp_path / "bad.json").write_text(json.dumps(doc))
     assert main(["validate", str(tmp_path / "bad.json")]) == 1
     assert "not positive" in capsys.readouterr().out
+
+
+def test_only_selects_configurations_in_the_loader_suites(shard_dir, tmp_path):
+    args = ["run", "--suite", "pipeline", "--quick", "--device", "cpu", "--shards", str(shard_dir), "--out", str(tmp_path)]
+    assert main([*args, "--only", "^DALI CPU threads=1 "]) == 0
+    doc = json.loads((tmp_path / "pipeline.json").read_text())
+    assert [row["name"] for row in doc["rows"]] == ["DALI CPU threads=1 batch=8"]
+    assert main(["validate", str(tmp_path / "pipeline.json")]) == 0
