@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,7 +70,11 @@ class Context:
     machine: dict = field(default_factory=dict)
     shard_dir: Path | None = None  # built once (or given by --shards), shared by the pipeline and e2e suites
     corpus_dir: Path | None = None  # --corpus: a folder of real images to use instead of the embedded photos
-    only: str = ""  # --only: regular expression; the model suite measures only the configurations it matches
+    only: str = ""  # --only: regular expression; the model, pipeline and e2e suites measure only what it matches
+
+    def selects(self, name: str) -> bool:
+        """Whether ``--only`` (if given) lets the configuration called ``name`` be measured."""
+        return not self.only or re.search(self.only, name) is not None
 
     @property
     def work_dir(self) -> Path:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import re
 import time
 
 import torch
@@ -100,7 +99,7 @@ def run(ctx: Context) -> SuiteResult:
                          columns=COLUMNS, plot_metric="pairs_per_s")
     for label, data_upd in backends(device):
         name = f"train loop, {label} loader"
-        if ctx.only and not re.search(ctx.only, name):
+        if not ctx.selects(name):
             continue
         cfg = config_lib.replace(base, data=data_upd)
         gc.collect()

@@ -24,7 +24,6 @@ the formulas of ``model.shuffle.traffic_bytes`` (the model's own accounting; sta
 from __future__ import annotations
 
 import gc
-import re
 from collections.abc import Callable
 
 import torch
@@ -195,7 +194,7 @@ def run(ctx: Context) -> SuiteResult:
     steps: dict[str, Callable[[], object]] = {}
     meta: dict[str, tuple[str, dict, float | None, str]] = {}  # name -> (group, params, peak MiB, precision key)
     for name, group, model_upd, other, baseline in _variants(ctx):
-        if ctx.only and not re.search(ctx.only, name):
+        if not ctx.selects(name):
             continue
         if model_upd.get("compile") and ctx.quick and not cuda:
             result.skip(name, "--quick: torch.compile's warm-up takes minutes on a CPU (measured in full runs)")

@@ -22,7 +22,6 @@ the same threads and batch.
 from __future__ import annotations
 
 import gc
-import re
 
 import torch
 
@@ -94,7 +93,7 @@ def run(ctx: Context) -> SuiteResult:
     for label, data_upd, points in plan:
         for threads, batch in points:
             name = f"{label} threads={threads} batch={batch}"
-            if ctx.only and not re.search(ctx.only, name):
+            if not ctx.selects(name):
                 continue
             cfg = config_lib.replace(config_lib.Config(), data={
                 "shards": str(shards), "crop_size": s.pipeline_crop, "batch_size": batch, "num_threads": threads,
