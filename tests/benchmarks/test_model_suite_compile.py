@@ -1,6 +1,7 @@
 """The model suite's ``+compile`` rows run end to end: ours and its compiled plain reference are built, warmed up,
 timed and compared. The rows exist to be measured on a GPU, where a failure would waste device time; here
-torch.compile is pointed at its ``eager`` backend (Dynamo capture, no code generation) so the test takes seconds."""
+torch.compile is pointed at its ``eager`` backend (Dynamo capture, no code generation), so no compiler
+warm-up is paid."""
 
 from __future__ import annotations
 
@@ -15,13 +16,12 @@ from benchmarks.context import Context, Sizes
 
 @pytest.mark.slow  # ~20 s: bf16 ResNet-18 steps are emulated on this CPU
 def test_compile_rows_are_measured_with_their_own_plain_reference(tmp_path, monkeypatch):
-    calls = []
+    calls, real_compile = [], torch.compile
 
     def compile_eagerly(fn, *args, **kwargs):
         calls.append(type(fn).__name__)
         return real_compile(fn, *args, **{**kwargs, "backend": "eager"})
 
-    real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", compile_eagerly)
     torch._dynamo.reset()
     sizes = replace(Sizes.quick(1), crop_size=32, model_batch=8, warmup=1, iters=1, repeats=2)

@@ -38,7 +38,7 @@ def test_compiled_step_matches_eager(photo_dir, monkeypatch, device, backend, st
     eager = MoCo(cfg.model, encoder=copy.deepcopy(encoder)).to(device)
     compiled = MoCo(config.replace(cfg, model={"compile": True}).model, encoder=copy.deepcopy(encoder)).to(device)
     compiled.load_state_dict(eager.state_dict())
-    optimizers = {id(m): build_optimizer(cfg.optim, m, 0.1) for m in (eager, compiled)}
+    runs = [(m, build_optimizer(cfg.optim, m, 0.1)) for m in (eager, compiled)]
     views_q, views_k = (v.to(device) for v in make_views(photo_dir, 3, 4))
     perms = make_perms(3, 4)
 
@@ -46,11 +46,11 @@ def test_compiled_step_matches_eager(photo_dir, monkeypatch, device, backend, st
     counters.clear()
     for step in range(3):
         losses = []
-        for model in (eager, compiled):  # the momentum changes every step: a Python float, no recompile
+        for model, optimizer in runs:  # the momentum changes every step: a Python float, no recompile
             out = model(views_q[step], views_k[step], momentum=0.9 + 0.03 * step, perm=perms[step])
             out.loss.backward()
-            optimizers[id(model)].step()
-            optimizers[id(model)].zero_grad(set_to_none=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             losses.append(out.loss.detach())
         torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
 
