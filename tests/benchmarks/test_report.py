@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks.report import SCHEMA, Column, SuiteResult, markdown_table, report_json, validate_report
-from benchmarks.timing import Stats, StepClock, measure, measure_interleaved, percentile
+from benchmarks.timing import Stats, measure, measure_interleaved, percentile
 
 
 def _doc() -> dict:
@@ -83,16 +83,6 @@ def test_interleaved_runs_in_alternating_rounds():
     out = measure_interleaved(fns, items_per_call=1, iters=2, repeats=3)
     assert order == ["a", "a", "b", "b"] * 3
     assert set(out) == {"a", "b"} and all(t.items_per_s.n == 3 for t in out.values())
-
-
-def test_step_clock_shares():
-    clock = StepClock("cpu")
-    for _ in range(3):
-        clock.start()
-        clock.data_ready()
-        clock.stop()
-    assert 0 <= clock.data_wait_share <= 1 and len(clock.step_s) == 3
-    assert all(w <= s for w, s in zip(clock.wait_s, clock.step_s))
 
 
 def test_markdown_table_shows_medians_ranges_and_na():

@@ -70,11 +70,13 @@ def test_step_clock_splits_boundary_steps(monkeypatch):
 
 def test_step_clock_without_boundaries():
     clock = StepClock("cpu")
-    for _ in range(2):
+    for _ in range(3):
         clock.start()
         clock.data_ready()
         clock.stop()
     assert clock.boundary_extra_wait_s == [] and 0 <= clock.data_wait_share_in_pass <= 1
+    assert 0 <= clock.data_wait_share <= 1 and len(clock.step_s) == 3
+    assert all(w <= s for w, s in zip(clock.wait_s, clock.step_s))
 
 
 @pytest.mark.parametrize("backend", ["dali", "pytorch"])
