@@ -24,8 +24,8 @@ from torch.nn.parallel import DistributedDataParallel
 import config as config_lib
 import distributed
 from config import Config
+from eval.knn import build_knn_monitor
 from model import MoCo, autocast_dtype, build_optimizer, lr_at, momentum_at
-from model.knn import build_knn_monitor
 from pipeline import build_train_loader
 from shards.manifest import ManifestError
 from training.checkpoint import capture_rng_state, find_resume_checkpoint, restore_rng_state, save_checkpoint

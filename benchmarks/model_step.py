@@ -18,7 +18,7 @@ precision rows and the baseline comparison use ``shuffle_bn=gather``; ``split`` 
 groups), ``none`` and ``sync`` are measured at bf16 + channels_last. ``all_to_all`` needs more than one rank.
 
 Bytes received per rank per step by each shuffle-BN strategy for W = 2, 8, 64 come from tensor sizes, with
-the formulas of ``model.shuffle.traffic_bytes`` (the model's own accounting; stated in ``extra``).
+the formulas of ``benchmarks.traffic.traffic_bytes`` (the model's own accounting; stated in ``extra``).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _moco_step(cfg: config_lib.Config, device: torch.device, baseline: bool) -> 
     from model import MoCo
 
     if baseline:
-        from model.baseline import BaselineMoCo as cls
+        from benchmarks.baseline import BaselineMoCo as cls
     else:
         cls = MoCo
     torch.manual_seed(cfg.run.seed)
@@ -271,7 +271,8 @@ def _encoder_for_flops(cfg: config_lib.Config) -> torch.nn.Module:
 
 def _bytes_table(cfg: config_lib.Config, per_rank: int) -> dict:
     """Bytes received per rank per step by each shuffle-BN strategy, W = 2, 8, 64, with bf16 key views."""
-    from model.shuffle import STRATEGIES, traffic_bytes
+    from benchmarks.traffic import traffic_bytes
+    from model.shuffle import STRATEGIES
 
     encoder = _encoder_for_flops(cfg)
     bn = sum(m.num_features for m in encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
@@ -279,7 +280,7 @@ def _bytes_table(cfg: config_lib.Config, per_rank: int) -> dict:
     table: dict = {
         "per_rank_batch": per_rank, "crop_size": cfg.data.crop_size, "image_bytes": image_bytes,
         "key_bytes": key_bytes, "bn_channels": bn,
-        "formula": "bytes received per rank per step (model.shuffle.traffic_bytes), B images per rank, I bytes "
+        "formula": "bytes received per rank per step (benchmarks.traffic.traffic_bytes), B images per rank, I bytes "
                    "per key image, Kb per key: keys (W-1)*B*Kb for every strategy (one all-gather feeds unshuffle "
                    "and queue); gather + (W-1)*B*I images + W*B*8 permutation; all_to_all + (W-1)/W*B*I images; "
                    "sync + (W-1)*3*4 per BN channel; baseline (original) = gather with the keys gathered twice",

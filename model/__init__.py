@@ -19,8 +19,7 @@ The interface train.py and the benchmarks use::
 
 ``model.state_dict()`` holds both encoders with heads, the queue (``queue.keys`` K x C, ``queue.ptr``) and the
 shuffle generator state; ``load_state_dict`` restores them. The shuffle-BN strategy is ``cfg.model.shuffle_bn``
-(see ``model.shuffle``). ``model.baseline.BaselineMoCo`` is the original code's structure with the same call
-signature, for benchmarks.
+(see ``model.shuffle``).
 """
 
 from model.encoder import Encoder, MoCoProjectionHead, build_backbone, build_encoder
@@ -30,10 +29,10 @@ from model.momentum import momentum_at, momentum_update
 from model.optim import LARS, build_optimizer, lr_at
 from model.precision import autocast_dtype
 from model.queue import KeyQueue
-from model.shuffle import resolve_strategy, traffic_bytes
+from model.shuffle import resolve_strategy
 
 __all__ = [
     "LARS", "Encoder", "KeyQueue", "MoCo", "MoCoOutput", "MoCoProjectionHead", "autocast_dtype", "build_backbone",
     "build_encoder", "build_optimizer", "contrastive_accuracy", "info_nce_logits", "info_nce_loss", "lr_at",
-    "momentum_at", "momentum_update", "resolve_strategy", "traffic_bytes",
+    "momentum_at", "momentum_update", "resolve_strategy",
 ]

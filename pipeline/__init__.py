@@ -29,26 +29,16 @@ sample is located by replaying the reader and excluded through a filtered copy o
 (:mod:`pipeline.dali_loader`). DALI's shuffle buffer keeps reading across the end of a rank's shard list,
 so a pass may draw a few samples of the (identical) next round of those shards before the last of this
 one; the pass boundary is where the shards are re-dealt and the reader replaced (by one prepared ahead of the
-boundary, so that a small corpus does not stall every few batches: :class:`pipeline.loader.TrainLoader`).
+boundary, so that a small corpus does not stall every few batches: :class:`pipeline.base.TrainLoader`).
 
-Decode once, crop twice vs ROI decode (``data.view_decode``). MoCo needs two crops of the same image. With
-``once`` each JPEG is decoded fully a single time and both views are cropped from the decoded image; with
-``roi`` each view calls ``decoders.image_random_crop``, which decodes only the crop window, but pays the
-serial entropy (Huffman) decoding of the JPEG twice, once per view. With crop scales 0.2-1 the average
-window is 60% of the image and the two windows overlap, so ROI saves little pixel work per view and, summed
-over both views, decodes about 1.2 images' worth of pixels against 1.0. Measured with DALI CPU operators
-(``python -m pipeline.decode_strategies SHARD_DIR``: the full v2 graph, 48 real photos of about 260 x 350 px
-from the test corpus, batch 16, 2 threads, best of 5 alternating rounds, on a shared 2-core machine with a
-load average near 7, so +-20% noise): 64 px views, once 545 vs roi 461 pairs/s; 224 px views, once 48.7 vs
-roi 55.0 pairs/s. On the CPU neither wins beyond the noise, because decoding these small images is a
-minor part of the cost next to resizing, colour and blur. We default to ``once`` for the GPU, where the
-decode dominates: it keeps a single decode per image, and it keeps the A100/H100 hardware JPEG decoder in
-use (older DALI releases documented that ROI decoding disables the hardware decoder; with 2.x's nvImageCodec
-this is for the GPU benchmark to confirm through the ``data.view_decode`` switch).
+``data.view_decode``: ``once`` (default) decodes each JPEG once and crops both views from it; ``roi`` decodes
+only each view's crop window, paying the entropy decoding twice. ``benchmarks/decode_strategies.py`` measures both
+and explains the default.
 """
 
 from pipeline.assignment import ShardPlan
-from pipeline.loader import TrainLoader, build_train_loader, resolve_backend
+from pipeline.base import TrainLoader
+from pipeline.loader import build_train_loader, resolve_backend
 from pipeline.recipes import MOCO_V1, MOCO_V2, RECIPES, Recipe
 
 __all__ = ["MOCO_V1", "MOCO_V2", "RECIPES", "Recipe", "ShardPlan", "TrainLoader", "build_train_loader",

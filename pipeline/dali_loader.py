@@ -38,8 +38,8 @@ from config import Config
 from distributed import DistInfo
 from pipeline.assignment import derive_seed
 from pipeline.bad_samples import BadSampleLog, decodes, filtered_index
+from pipeline.base import TrainLoader
 from pipeline.dali_graph import two_views
-from pipeline.loader import TrainLoader
 
 READER = "reader"
 # Batches before the end of a pass at which the next pass's pipeline starts building: about 3 s at DALI GPU's

@@ -35,7 +35,7 @@ from config import Config
 from distributed import DistInfo
 from pipeline.assignment import derive_seed
 from pipeline.bad_samples import location
-from pipeline.loader import TrainLoader
+from pipeline.base import TrainLoader
 from pipeline.recipes import Recipe
 from shards.writer import read_index
 

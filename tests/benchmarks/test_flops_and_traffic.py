@@ -8,6 +8,7 @@ from torch import nn
 
 import config as config_lib
 from benchmarks.flops import forward_flops_per_image, mfu, peak_bf16_flops
+from benchmarks.traffic import traffic_bytes
 from model.encoder import build_encoder
 
 
@@ -65,3 +66,15 @@ def test_bytes_table_orders_strategies_as_the_formulas_say():
     keys_mib = 63 * 32 * 128 * 4 / 2**20
     assert table["gather"]["W=64"] == pytest.approx(63 * 32 * image_mib + keys_mib + 64 * 32 * 8 / 2**20)
     assert table["all_to_all"]["W=64"] == pytest.approx(63 / 64 * 32 * image_mib + keys_mib)
+
+
+def test_traffic_bytes_all_to_all_moves_one_wth_of_gather_images():
+    img, key = 3 * 224 * 224 * 2, 128 * 4
+    for world in (2, 8, 64):
+        gather = traffic_bytes("gather", world, 32, img, key)
+        a2a = traffic_bytes("all_to_all", world, 32, img, key)
+        assert a2a["images"] * world == pytest.approx(gather["images"])
+        assert a2a["keys"] == gather["keys"] == (world - 1) * 32 * key
+        assert traffic_bytes("baseline", world, 32, img, key)["keys"] == 2 * gather["keys"]
+        assert traffic_bytes("split", world, 32, img, key)["images"] == 0
+    assert traffic_bytes("gather", 1, 32, img, key)["images"] == 0

@@ -12,8 +12,8 @@ import torch
 import torchvision
 
 import distributed
-from model.knn import KnnMonitor
-from model.labelled_data import LabelledImages, eval_transform
+from eval.knn import KnnMonitor
+from eval.labelled_data import LabelledImages, eval_transform
 
 
 def main(reference: str, queries: str, out: str) -> None:

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torchvision
 
+from eval.export import CheckpointError, backbone_state_dict, export, load_backbone, load_checkpoint, to_detectron2
+from eval.export import main as export_main
+from eval.labelled_data import LabelledImages, eval_transform
 from model.encoder import use_cifar_stem
-from model.export import CheckpointError, backbone_state_dict, export, load_backbone, load_checkpoint, to_detectron2
-from model.export import main as export_main
-from model.labelled_data import LabelledImages, eval_transform
 from tests.conftest import REPO
 from tests.eval.conftest import moco_checkpoint
 
@@ -60,7 +60,7 @@ def test_cifar_stem_round_trip(cifar_checkpoint, tmp_path, digits_folders, capsy
     images = digit_batch(digits_folders)
     with torch.no_grad():
         expected = model.encoder_q.backbone.eval()(images)
-        assert torch.equal(load_backbone(path).eval()(images), expected)  # what linear_eval.py loads
+        assert torch.equal(load_backbone(path).eval()(images), expected)  # what eval.linear loads
     out = tmp_path / "r18_cifar.pth"
     assert export_main([str(path), "--format", "torchvision", "--out", str(out)]) == 0
     assert "use_cifar_stem" in capsys.readouterr().out
@@ -143,7 +143,7 @@ def test_wrong_architecture_is_a_one_line_error(checkpoint, tmp_path):
 
 def test_cli_and_corrupt_files(checkpoint, tmp_path, capsys):
     path, _ = checkpoint
-    proc = subprocess.run([sys.executable, "-m", "model.export", str(path), "--format", "detectron2", "--out",
+    proc = subprocess.run([sys.executable, "-m", "eval.export", str(path), "--format", "detectron2", "--out",
                            str(tmp_path / "ok.pkl")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and (tmp_path / "ok.pkl").is_file(), proc.stderr
 

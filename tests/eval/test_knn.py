@@ -13,8 +13,8 @@ import torchvision
 
 import config as config_lib
 from distributed import DistInfo
-from model.knn import KnnMonitor, build_knn_monitor, knn_predict
-from model.labelled_data import LabelledImages, LabelledSetError, eval_transform
+from eval.knn import KnnMonitor, build_knn_monitor, knn_predict
+from eval.labelled_data import LabelledImages, LabelledSetError, eval_transform
 from tests.conftest import run_torchrun
 
 HERE = Path(__file__).resolve().parent

@@ -30,9 +30,9 @@ from PIL import Image
 
 import config as config_lib
 from distributed import DistInfo
+from eval.knn import build_knn_monitor
 from model import MoCo, lr_at, momentum_at
 from model.encoder import Encoder, MoCoProjectionHead
-from model.knn import build_knn_monitor
 from pipeline import build_train_loader
 from tests.eval.conftest import write_labelled_shards
 from train import build_model_and_optimizer, train_step

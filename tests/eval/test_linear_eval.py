@@ -9,11 +9,10 @@ import pytest
 import torch
 import torchvision
 
-import linear_eval as linear_eval_script
-import model.linear_eval as linear_eval_lib
+import eval.linear as linear_eval_lib
 from distributed import DistInfo
-from model.labelled_data import LabelledImages, eval_transform
-from model.linear_eval import (
+from eval.labelled_data import LabelledImages, eval_transform
+from eval.linear import (
     LinearEvalConfig,
     build_linear_classifier,
     run_linear_eval,
@@ -21,7 +20,7 @@ from model.linear_eval import (
     step_lr,
     topk_correct,
 )
-from tests.conftest import REPO, run_torchrun
+from tests.conftest import run_torchrun
 from tests.eval.conftest import moco_checkpoint
 
 
@@ -94,7 +93,7 @@ def test_script_with_checkpoint_and_bad_input(digits_folders, tmp_path, capsys):
     args = ["--train", str(digits_folders["train"]), "--val", str(digits_folders["val"]), "--batch-size", "32",
             "--train-crop", "32", "--val-resize", "32", "--val-crop", "32", "--workers", "0", "--device", "cpu",
             "--max-steps", "2", "--lr", "0.001"]
-    linear_eval_script.main(["--checkpoint", str(tmp_path / "ckpt.pt"), *args, "--out", str(tmp_path / "out")])
+    linear_eval_lib.main(["--checkpoint", str(tmp_path / "ckpt.pt"), *args, "--out", str(tmp_path / "out")])
     saved = json.loads((tmp_path / "out" / "linear_eval.json").read_text())
     assert saved["steps"] == 2 and saved["config"]["max_steps"] == 2 and "top-1" in capsys.readouterr().out
     assert torch.load(tmp_path / "out" / "classifier.pt", weights_only=True)["weight"].shape == (10, 512)
@@ -109,7 +108,7 @@ def test_script_with_checkpoint_and_bad_input(digits_folders, tmp_path, capsys):
     }
     for argv, message in bad.items():
         with pytest.raises(SystemExit) as info:
-            linear_eval_script.main(list(argv))
+            linear_eval_lib.main(list(argv))
         err = capsys.readouterr().err
         assert info.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
@@ -118,7 +117,7 @@ def test_script_with_checkpoint_and_bad_input(digits_folders, tmp_path, capsys):
 def test_linear_eval_under_torchrun(digits_folders, tmp_path):
     """Two gloo ranks with DDP on the classifier: same metrics on both ranks, backbone unchanged (hash checked)."""
     moco_checkpoint(tmp_path / "ckpt.pt", train_steps=0)
-    run_torchrun(REPO / "linear_eval.py", 2, [
+    run_torchrun("eval.linear", 2, torchrun_args=["--module"], args=[
         "--checkpoint", str(tmp_path / "ckpt.pt"), "--train", str(digits_folders["train"]), "--val",
         str(digits_folders["val"]), "--batch-size", "32", "--train-crop", "32", "--val-resize", "32", "--val-crop", "32",
         "--workers", "0", "--device", "cpu", "--max-steps", "3", "--lr", "0.001", "--out", str(tmp_path / "out")])

@@ -7,8 +7,8 @@ import contextlib
 import pytest
 import torch
 
+from benchmarks.baseline import BaselineMoCo
 from model import MoCo, autocast_dtype, build_optimizer
-from model.baseline import BaselineMoCo
 from tests.model.views import make_perms, make_views, tiny_config, tiny_encoder
 
 SYNCING = ("item", "tolist", "cpu", "numpy", "__int__", "__float__", "__bool__", "__index__")

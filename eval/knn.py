@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import distributed
-from model.labelled_data import LabelledImages, build_eval_loader, eval_transform
+from eval.labelled_data import LabelledImages, build_eval_loader, eval_transform
 
 
 def knn_predict(query: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int,

@@ -2,8 +2,8 @@
 
 Usage::
 
-    python -m model.export runs/r50/checkpoints/ckpt-000500000.pt --format torchvision --out r50_moco.pth
-    python -m model.export CKPT --format detectron2 --out r50_moco.pkl     # then MODEL.WEIGHTS r50_moco.pkl
+    python -m eval.export runs/r50/checkpoints/ckpt-000500000.pt --format torchvision --out r50_moco.pth
+    python -m eval.export CKPT --format detectron2 --out r50_moco.pkl     # then MODEL.WEIGHTS r50_moco.pkl
 
 Accepted checkpoints: this project's (``{"model": MoCo.state_dict(), "config": {...}}``), the original MoCo
 release (``{"state_dict": {"module.encoder_q.*": ...}, "arch": ...}``) and plain state dicts (for example an
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.format} weights to {path}")
     if args.format == "torchvision" and stem_of(torch.load(path, map_location="cpu", weights_only=True)) == "cifar":
         print("note: cifar stem (3x3 conv1, no max-pool): load into torchvision.models.<arch>() after "
-              "model.encoder.use_cifar_stem(net), or with model.export.load_backbone(path)")
+              "model.encoder.use_cifar_stem(net), or with eval.export.load_backbone(path)")
     return 0
 
 

@@ -5,14 +5,26 @@ statistics frozen) and receives no gradient; ``fc`` is initialised N(0, 0.01) wi
 SGD lr 30, momentum 0.9, weight decay 0 for 100 epochs, lr x0.1 at epochs 60 and 80; RandomResizedCrop +
 flip for training, resize 256 + center crop 224 for validation; top-1 / top-5 on the validation set. A hash of
 the backbone's parameters and buffers before and after proves it did not change.
+
+Launch:
+    python -m eval.linear --checkpoint runs/r50/checkpoints/step-000500000.pt \\
+        --train data/imagenet_train_shards --val data/imagenet_val_shards --out runs/r50/linear     # one device
+    torchrun --nproc-per-node=8 -m eval.linear --config lincls.yaml                              # one node, DDP
+    python -m eval.linear --help                                                                 # every option
+
+--train/--val take a shard manifest with .cls labels (``python -m shards build --labels-from-folders``) or an
+image folder ``root/<class>/<image>``. Prints top-1/top-5 and, with --out, writes linear_eval.json and classifier.pt.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -20,10 +32,17 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import distributed
-from config import ConfigError, _f
-from model.export import load_backbone
-from model.knn import pooled_features
-from model.labelled_data import LabelledImages, build_eval_loader, collate_skip_bad, eval_transform, train_transform
+from config import ConfigError, _f, main_guard, parse_dataclass
+from eval.export import CheckpointError, load_backbone
+from eval.knn import pooled_features
+from eval.labelled_data import (
+    LabelledImages,
+    LabelledSetError,
+    build_eval_loader,
+    collate_skip_bad,
+    eval_transform,
+    train_transform,
+)
 
 
 @dataclass(frozen=True)
@@ -220,3 +239,35 @@ def run_linear_eval(cfg: LinearEvalConfig, dist: distributed.DistInfo,
         torch.tensor(float(train_bad), device=device)).item()), backbone_sha256=hash_after,
         seconds=time.perf_counter() - start)
     return result, classifier
+
+
+def linear_eval(cfg: LinearEvalConfig) -> dict:
+    """Run the linear evaluation as configured (on one device or under torchrun); returns rank 0's metrics."""
+    for name in ("checkpoint", "train", "val"):
+        if not getattr(cfg, name):
+            raise ConfigError(f"--{name} is required")
+    dist = distributed.setup_distributed(cfg.device, cfg.dist_timeout_s)
+    try:
+        result, classifier = run_linear_eval(cfg, dist)
+    finally:
+        distributed.teardown_distributed()
+    if dist.is_main:
+        print(f"linear eval: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+              f"({result['val_samples']} val images, {result['steps']} steps, {result['seconds']:.0f}s; "
+              f"backbone unchanged, sha256 {str(result['backbone_sha256'])[:12]})", flush=True)
+        if cfg.out:
+            out = Path(cfg.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "linear_eval.json").write_text(json.dumps({**result, "config": cfg.__dict__}, indent=1))
+            torch.save(classifier.state_dict(), out / "classifier.pt")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = main_guard(lambda: parse_dataclass(LinearEvalConfig, argv, description=__doc__.splitlines()[0],
+                                             title="linear evaluation"))
+    main_guard(lambda: linear_eval(cfg), user_errors=(CheckpointError, LabelledSetError))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

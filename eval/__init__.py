@@ -1,0 +1,1 @@
+"""Evaluation of a pre-trained backbone: labelled data, the kNN monitor, linear evaluation, export."""
