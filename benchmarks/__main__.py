@@ -19,20 +19,72 @@ Each writes ``<out>/<suite>.json`` (schema in benchmarks/report.py), ``.png`` an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import re
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
-import torch
-
-from benchmarks.context import Context, Sizes
-from benchmarks.machine import device_label, machine_info
-from benchmarks.report import print_table, validate_report, write_report
+import cli
+from cli import ConfigError, option
 
 ORDER = ("shards", "model", "pipeline", "e2e", "scaling")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """Options of ``python -m benchmarks run``."""
+
+    suite: str = option("all", f"all, or one or more of {','.join(ORDER)} separated by commas (e.g. model,pipeline,e2e).")
+    out: str = option("results", "Output directory for JSON, PNG, Markdown (and profiles).",
+                       metavar="DIR")
+    quick: bool = option(False, "Tiny sizes: the whole 'all' suite in < 2 min on 2 CPU cores.")
+    device: Literal["auto", "cuda", "cpu"] = option("auto", "auto: CUDA when available.")
+    profile: bool = option(False, "Wrap each measured region in torch.profiler; traces in <out>/profiles (slows "
+                                  "timings).")
+    wandb: bool = option(False, "Also log every suite's rows to W&B (WANDB_MODE applies).")
+    shards: str = option("", "Existing shard directory for the pipeline and e2e suites (empty: built from the "
+                             "embedded real photos by the real builder).", metavar="DIR")
+    corpus: str = option("", "Folder of real images for the shards suite and for building shards (empty: crops of "
+                             "the embedded photos, ~500x375; needs scikit-image).", metavar="DIR")
+    only: str = option("", "Measure only the configurations whose name matches this regular expression (model: "
+                           "'compile|ours bf16\\+cl$', with their plain-step references; pipeline: 'batch=256'; "
+                           "e2e: 'DALI GPU|PyTorch').", metavar="REGEX")
+    torch_threads: int = option(0, "Torch intra-op threads. 0: usable cores / local ranks, except --quick on a CPU: "
+                                   "1, because on a shared 2-core machine two OpenMP threads that spin-wait for each "
+                                   "other run a step 5-10x slower.")
+
+    def __post_init__(self) -> None:
+        if self.torch_threads < 0:
+            raise ConfigError(f"--torch-threads must be >= 0; got {self.torch_threads}")
+        try:
+            re.compile(self.only)
+        except re.error as exc:
+            raise ConfigError(f"--only {self.only!r}: not a regular expression ({exc})") from None
+        for flag, value in (("--shards", self.shards), ("--corpus", self.corpus)):
+            if value and not Path(value).is_dir():
+                raise ConfigError(f"{flag} {value}: not a directory")
+        if not self.suites or any(x not in ORDER for x in self.suites):
+            raise ConfigError(f"--suite {self.suite}: expected all or a comma-separated list of {', '.join(ORDER)}")
+
+    @property
+    def suites(self) -> tuple[str, ...]:
+        return ORDER if self.suite == "all" else tuple(x.strip() for x in self.suite.split(",") if x.strip())
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareOptions:
+    """Options of ``python -m benchmarks prepare``."""
+
+    out: str = option("results", "The shards go to <out>/_data/.", metavar="DIR")
+    images: int = option(0, "Corpus size (0: the full suites' 2048).")
+
+    def __post_init__(self) -> None:
+        if self.images < 0:
+            raise ConfigError(f"--images must be >= 0; got {self.images}")
 
 
 def _suite_module(name: str):
@@ -45,34 +97,15 @@ def _suite_module(name: str):
     return importlib.import_module(modules[name])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run benchmark suites")
-    run.add_argument("--suite", default="all",
-                     help=f"all, or one or more of {','.join(ORDER)} separated by commas (e.g. model,pipeline,e2e)")
-    run.add_argument("--out", default="results", help="output directory for JSON, PNG, Markdown (and profiles)")
-    run.add_argument("--quick", action="store_true", help="tiny sizes: the whole 'all' suite in < 2 min on 2 CPU cores")
-    run.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: CUDA when available")
-    run.add_argument("--profile", action="store_true",
-                     help="wrap each measured region in torch.profiler; traces in <out>/profiles (slows timings)")
-    run.add_argument("--wandb", action="store_true", help="also log every suite's rows to W&B (WANDB_MODE applies)")
-    run.add_argument("--shards", default="", help="existing shard directory for the pipeline and e2e suites "
-                     "(default: built from the embedded real photos by the real builder)")
-    run.add_argument("--corpus", default="", help="folder of real images for the shards suite and for building "
-                     "shards (default: crops of the embedded photos, ~500x375; needs scikit-image)")
-    run.add_argument("--only", default="", help="measure only the configurations whose name matches this regular "
-                     "expression (model: 'compile|ours bf16\\+cl$', with their plain-step references; pipeline: "
-                     "'batch=256'; e2e: 'DALI GPU|PyTorch')")
-    run.add_argument("--torch-threads", type=int, default=0,
-                     help="torch intra-op threads (0: torch's default; --quick on a CPU: 1, because on a shared "
-                          "2-core machine two OpenMP threads that spin-wait for each other run a step 5-10x slower)")
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,prepare,validate}")
+    cli.add_flags(sub.add_parser("run", help="run benchmark suites", description="Run benchmark suites."), RunOptions)
     prep = sub.add_parser("prepare", help="only build the benchmark corpus and shards (to carry to a machine "
                           "without scikit-image, then pass --shards there)")
-    prep.add_argument("--out", default="results", help="the shards go to <out>/_data/")
-    prep.add_argument("--images", type=int, default=0, help="corpus size (default: the full suites' 2048)")
+    cli.add_flags(prep, PrepareOptions)
     val = sub.add_parser("validate", help="check benchmark JSON files against the schema")
-    val.add_argument("files", nargs="+")
+    val.add_argument("files", nargs="+", metavar="FILE", help="benchmark JSON files")
     return parser
 
 
@@ -97,45 +130,32 @@ def _log_wandb(docs: list[dict], quick: bool, out_dir: Path) -> None:
     run.finish()
 
 
-def run(args: argparse.Namespace, argv: list[str]) -> int:
+def run(args: RunOptions, argv: list[str]) -> int:
+    import torch
+
+    import distributed
+    from benchmarks.context import Context, Sizes
+    from benchmarks.machine import device_label, machine_info
+    from benchmarks.report import print_table, write_report
+
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but CUDA is not available", file=sys.stderr)
-        return 2
+        raise ConfigError("--device cuda but CUDA is not available")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    if args.torch_threads < 0:
-        print("error: --torch-threads must be >= 0", file=sys.stderr)
-        return 2
-    if args.torch_threads or (args.quick and device.type == "cpu"):
-        torch.set_num_threads(args.torch_threads or 1)
+    distributed.set_torch_threads(args.torch_threads or (1 if args.quick and device.type == "cpu" else 0))
     machine = machine_info()
     machine["torch_threads"] = torch.get_num_threads()
     sizes = Sizes.quick(machine["cpu_cores"]) if args.quick else Sizes.full(machine["cpu_cores"])
-    try:
-        re.compile(args.only)
-    except re.error as exc:
-        print(f"error: --only {args.only!r}: not a regular expression ({exc})", file=sys.stderr)
-        return 2
-    for flag, value in (("--shards", args.shards), ("--corpus", args.corpus)):
-        if value and not Path(value).is_dir():
-            print(f"error: {flag} {value}: not a directory", file=sys.stderr)
-            return 2
     # Absolute paths: child processes (builder, torchrun) run from the repository root, list files resolve
     # relative entries against their own folder.
     ctx = Context(out_dir=Path(args.out).resolve(), quick=args.quick, device=device, sizes=sizes,
                   profile=args.profile, machine=machine, shard_dir=Path(args.shards).resolve() if args.shards else None,
                   corpus_dir=Path(args.corpus).resolve() if args.corpus else None, only=args.only)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    suites = ORDER if args.suite == "all" else tuple(x.strip() for x in args.suite.split(",") if x.strip())
-    unknown = [x for x in suites if x not in ORDER]
-    if unknown or not suites:
-        print(f"error: --suite {args.suite}: expected all or a comma-separated list of {', '.join(ORDER)}",
-              file=sys.stderr)
-        return 2
     date = datetime.date.today().isoformat()
     label = device_label(machine)
     docs, failed = [], []
     start = time.perf_counter()
-    for name in suites:
+    for name in args.suites:
         t0 = time.perf_counter()
         print(f"== suite {name} ({'quick' if args.quick else 'full'}) on {label}", flush=True)
         try:
@@ -167,6 +187,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def validate(files: list[str]) -> int:
+    from benchmarks.report import validate_report
+
     status = 0
     for path in files:
         try:
@@ -178,33 +200,38 @@ def validate(files: list[str]) -> int:
     return status
 
 
-def prepare(out: str, images: int) -> int:
+def prepare(options: PrepareOptions) -> int:
     """Build the corpus and shards the full pipeline/e2e suites use; print the shard directory."""
     import dataclasses
 
+    import torch
+
+    from benchmarks.context import Context, Sizes
     from benchmarks.data import bench_shards
+    from benchmarks.machine import machine_info
 
     machine = machine_info()
     sizes = Sizes.full(machine["cpu_cores"])
-    if images < 0:
-        print("error: --images must be >= 0", file=sys.stderr)
-        return 2
-    if images:
-        sizes = dataclasses.replace(sizes, corpus_images=images)
-    ctx = Context(out_dir=Path(out).resolve(), quick=False, device=torch.device("cpu"), sizes=sizes, machine=machine)
+    if options.images:
+        sizes = dataclasses.replace(sizes, corpus_images=options.images)
+    ctx = Context(out_dir=Path(options.out).resolve(), quick=False, device=torch.device("cpu"), sizes=sizes,
+                  machine=machine)
     print(bench_shards(ctx))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    return cli.guard(lambda: _dispatch(build_parser().parse_args(argv), argv))
+
+
+def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "validate":
         return validate(args.files)
     if args.command == "prepare":
-        return prepare(args.out, args.images)
-    return run(args, argv)
-
+        return prepare(cli.build(PrepareOptions, cli.flag_values(args, ["out", "images"]), prefix="--"))
+    names = [f.name for f in dataclasses.fields(RunOptions)]
+    return run(cli.build(RunOptions, cli.flag_values(args, names), prefix="--"), argv)
 
 
 if __name__ == "__main__":

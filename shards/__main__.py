@@ -15,45 +15,30 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 
+import cli
 from shards.build import BuildError, BuildOptions, build_shards, parse_part
 from shards.manifest import ManifestError
 from shards.sources import InputError
 
-_HELP = {
-    "prefix": "Shard name prefix: <prefix>-000000.tar ...",
-    "samples_per_shard": "Inputs per shard (a shard holds this many minus rejections). 1000 ~ 25 MB at 256 px.",
-    "max_shard_bytes": "Byte target per tar; a fuller group continues in a -1 shard. 1 GiB.",
-    "short_side": "Shorter side after resize (never upscaled); 256 serves 224 crops. 0 keeps the original size.",
-    "min_side": "Reject images whose shorter side is below this (thumbnails). 32.",
-    "max_pixels": "Reject images above this many pixels (decompression bombs). 100 MP.",
-    "max_aspect": "Reject images whose long/short side ratio exceeds this (banners). 4.",
-    "quality": "JPEG quality of the re-encoded samples. 90 (visually lossless).",
-    "workers": "Decode processes; 0 = all cores. The output does not depend on it.",
-}
 
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(prog="python -m shards", description=__doc__.split("\n\n")[0].strip())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{build,verify,stats,merge-manifests}")
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shards", description=__doc__.split("\n\n")[0].strip())
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    build = sub.add_parser("build", help="images -> validated, deduplicated WebDataset shards + manifest")
+    build = sub.add_parser("build", help="images -> validated, deduplicated WebDataset shards + manifest",
+                           description="Images -> validated, deduplicated WebDataset shards + manifest.json.")
     build.add_argument("inputs", nargs="+", metavar="INPUT", help="directory, .txt list of paths, or .tar")
     build.add_argument("--out", required=True, help="output directory (created)")
-    defaults = BuildOptions()
-    for f in fields(BuildOptions):
-        if f.name in _HELP:
-            build.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)),
-                               default=getattr(defaults, f.name), help=_HELP[f.name])
-    build.add_argument("--part", default=None, help="build part i of n (0-based), e.g. 3/64; join with merge-manifests")
-    build.add_argument("--labels-from-folders", action="store_true",
-                       help="write <key>.cls from the first-level class folder under each input directory")
-    build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    build.add_argument("--part", default=None, metavar="I/N",
+                       help="build part i of n (0-based), e.g. 3/64; join with merge-manifests (default: the whole run)")
+    cli.add_flags(build, BuildOptions, skip=("part",))
 
     verify = sub.add_parser("verify", help="every shard opens, index matches, every image decodes (Pillow and DALI)")
     verify.add_argument("dir", help="shard directory or manifest.json")
-    verify.add_argument("--no-dali", action="store_true", help="skip the DALI read pass")
+    verify.add_argument("--dali", action=argparse.BooleanOptionalAction, default=True,
+                        help="also read every sample with DALI (default: True)")
 
     stats = sub.add_parser("stats", help="totals, rejections by reason, JPEG size histogram")
     stats.add_argument("dir", help="shard directory or manifest.json")
@@ -61,36 +46,39 @@ def main(argv: list[str] | None = None) -> int:
     merge = sub.add_parser("merge-manifests", help="join the manifests of --part runs (removes cross-part duplicates)")
     merge.add_argument("parts", nargs="+", metavar="PART", help="part output directories or part manifest files")
     merge.add_argument("--out", required=True, help="directory for the joined manifest.json")
+    return parser
 
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "build":
-            kwargs = {f.name: getattr(args, f.name) for f in fields(BuildOptions) if f.name in _HELP}
-            options = BuildOptions(**kwargs, part=parse_part(args.part) if args.part else None,
-                                   labels_from_folders=args.labels_from_folders, progress=not args.no_progress)
-            build_shards(args.inputs, args.out, options)
-        elif args.command == "verify":
-            from shards.verify import verify_shards
 
-            report = verify_shards(args.dir, dali=not args.no_dali)
-            for line in report.errors:
-                print(f"FAIL {line}", file=sys.stderr)
-            dali = f", {report.dali_samples} read by DALI" if not args.no_dali else ""
-            print(f"{'OK' if report.ok else 'FAILED'}: {report.shards} shards, {report.samples} samples{dali}, "
-                  f"{len(report.errors)} problems")
-            return 0 if report.ok else 1
-        elif args.command == "stats":
-            from shards.summary import format_summary, summarize
+def main(argv: list[str] | None = None) -> int:
+    return cli.guard(lambda: _run(build_parser().parse_args(argv)), user_errors=(BuildError, InputError, ManifestError))
 
-            print(format_summary(summarize(args.dir)))
-        else:
-            from shards.merge import merge_manifests
 
-            manifest = merge_manifests(args.parts, args.out)
-            print(f"merged {len(manifest.shards)} shards, {manifest.total_samples} samples -> {args.out}/manifest.json")
-    except (BuildError, InputError, ManifestError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "build":
+        options = cli.build(BuildOptions, cli.flag_values(args, [f.name for f in fields(BuildOptions)
+                                                               if f.name != "part"]), prefix="--")
+        if args.part:
+            options = replace(options, part=parse_part(args.part))
+        build_shards(args.inputs, args.out, options)
+    elif args.command == "verify":
+        from shards.verify import verify_shards
+
+        report = verify_shards(args.dir, dali=args.dali)
+        for line in report.errors:
+            print(f"FAIL {line}", file=sys.stderr)
+        dali = f", {report.dali_samples} read by DALI" if args.dali else ""
+        print(f"{'OK' if report.ok else 'FAILED'}: {report.shards} shards, {report.samples} samples{dali}, "
+              f"{len(report.errors)} problems")
+        return 0 if report.ok else 1
+    elif args.command == "stats":
+        from shards.summary import format_summary, summarize
+
+        print(format_summary(summarize(args.dir)))
+    else:
+        from shards.merge import merge_manifests
+
+        manifest = merge_manifests(args.parts, args.out)
+        print(f"merged {len(manifest.shards)} shards, {manifest.total_samples} samples -> {args.out}/manifest.json")
     return 0
 
 

@@ -58,14 +58,15 @@ class BuildOptions:
 
     Args:
         prefix: shard name prefix (``train`` -> ``train-000000.tar``).
-        samples_per_shard: inputs per shard group; shards hold this many samples minus rejections.
-        max_shard_bytes: tar size target; a group that would exceed it continues in a ``-1`` shard.
+        samples_per_shard: inputs per shard group; shards hold this many samples minus rejections (1000: ~25 MB at
+            256 px).
+        max_shard_bytes: tar size target (1 GiB); a group that would exceed it continues in a ``-1`` shard.
         short_side: resize so the shorter side is at most this (256 keeps RandomResizedCrop(224) sharp); 0 = keep.
-        min_side: reject images whose shorter side is below this.
+        min_side: reject images whose shorter side is below this (thumbnails).
         max_pixels: reject images with more pixels than this (decompression bombs).
-        max_aspect: reject images whose long/short ratio exceeds this.
+        max_aspect: reject images whose long/short ratio exceeds this (banners).
         quality: JPEG quality of the re-encoded samples (90: visually lossless at ~1/10 of the pixel bytes).
-        workers: decode processes; 0 = all cores, 1 = in this process.
+        workers: decode processes; 0 = all cores, 1 = in this process. The output does not depend on it.
         part: ``(i, n)`` to build only part i of n (0-based), or None for the whole run.
         labels_from_folders: write ``<key>.cls`` from the first-level folder under each input directory.
         progress: show a progress bar on a terminal.

@@ -37,3 +37,28 @@ def test_only_selects_configurations_in_the_loader_suites(shard_dir, tmp_path):
     doc = json.loads((tmp_path / "pipeline.json").read_text())
     assert [row["name"] for row in doc["rows"]] == ["DALI CPU threads=1 batch=8"]
     assert main(["validate", str(tmp_path / "pipeline.json")]) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--device", "gpu"], "error: --device must be one of auto, cuda, cpu; got 'gpu'"),
+    (["run", "--only", "("], "error: --only '(': not a regular expression"),
+    (["prepare", "--images", "-3"], "error: --images must be >= 0; got -3"),
+    (["run", "--quick", "yes"], "error: unrecognized arguments: yes"),
+])
+def test_flag_mistakes_are_one_line_errors(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and len(err.splitlines()) == 1
+
+
+def test_help_lists_choices_and_flag_pairs_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = ("import atexit, sys; atexit.register(lambda: print('torch' in sys.modules)); "
+            "from benchmarks.__main__ import main; main(['run', '--help'])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    out = " ".join(proc.stdout.split())
+    assert proc.returncode == 0 and out.endswith("False")
+    assert "--device {auto,cuda,cpu} auto: CUDA when available. (default: auto)" in out
+    assert "--quick/--no-quick" in out and "(default: None)" not in out

@@ -65,3 +65,32 @@ def test_verify_passes_then_catches_corruption(built, tmp_path, capsys):
     idx.write_text("\n".join(lines[:1] + [lines[2], lines[1]] + lines[3:]) + "\n")  # samples swapped
     assert main(["verify", str(bad)]) == 1
     assert "index does not match" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["build", "in", "--out", "o", "--quality", "high"], "error: --quality must be an integer; got 'high'"),
+    (["build", "in", "--out", "o", "--max-aspect", "nan"], "error: --max-aspect must be a finite number"),
+    (["build", "in"], "error: the following arguments are required: --out"),
+    (["shrink", "x"], "error: argument {build,verify,stats,merge-manifests}: invalid choice: 'shrink'"),
+])
+def test_flag_mistakes_are_one_line_errors(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and len(err.splitlines()) == 1
+
+
+def test_help_shows_defaults_once_and_booleans_as_flag_pairs(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["build", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert exit_.value.code == 0
+    assert "--progress/--no-progress show a progress bar on a terminal. (default: True)" in out
+    assert "--quality N JPEG quality" in out and out.count("(default: 90)") == 1
+    assert "(default: None)" not in out
+
+
+def test_no_progress_and_no_dali_still_work(built, tmp_path, photo_dir):
+    out = tmp_path / "again"
+    assert main(["build", str(photo_dir), "--out", str(out), "--samples-per-shard", "16", "--workers", "1",
+                 "--no-progress"]) == 0
+    assert main(["verify", str(out), "--no-dali"]) == 0
