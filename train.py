@@ -221,11 +221,18 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> dict:
     return logger.finish(summary)
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg = config_lib.main_guard(lambda: config_lib.parse_config(argv))
-    # Mistakes in the user's input (missing shards, bad checkpoint path) are one-line errors, not tracebacks.
-    config_lib.main_guard(lambda: train(cfg), user_errors=(ManifestError, FileNotFoundError))
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, then train. Mistakes in the user's input (a bad flag, missing shards, a bad
+    checkpoint path) are one line ``error: ...`` and exit code 2, not tracebacks."""
+    import cli
+
+    def run() -> None:
+        cfg = cli.parse(Config, argv, description=__doc__.split("\n\n")[0], prog="train.py")
+        distributed.set_torch_threads(cfg.run.torch_threads)
+        train(cfg)
+
+    return cli.guard(run, user_errors=(ManifestError, FileNotFoundError))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -29,11 +29,14 @@ class Sizes:
     pipeline_batches: tuple[int, ...]
     pipeline_threads: tuple[int, ...]
     pipeline_crop: int
-    pipeline_passes: int  # timed whole passes (each begins at a pass boundary)
     pipeline_warmup: int
+    pipeline_window: int  # batches timed as one (loaders deliver in bursts)
+    pipeline_windows: int  # timed windows per configuration
+    boundary_budget_s: float  # pipeline: keep timing (up to this long) until a window crosses a pass boundary
     # e2e suite
     e2e_batch: int
-    e2e_steps: int
+    e2e_steps: int  # timed steps per repeat
+    e2e_repeats: int
     # timing
     warmup: int
     iters: int
@@ -43,19 +46,23 @@ class Sizes:
 
     @classmethod
     def full(cls, cores: int) -> Sizes:
-        # 1-2 workers at 224 px take minutes per configuration for the PyTorch baseline; start at 4.
+        """ResNet-50 at 224 px, batch 256; a corpus of 108 batches of 256 per pass (27,648 photos, 108 shards)."""
+        # 1-2 workers at 224 px take minutes per configuration for the PyTorch loaders; start at 4.
         threads = tuple(sorted({t for t in (4, 8, cores) if t <= max(cores, 1)})) or (max(cores, 1),)
-        return cls(corpus_images=2048, short_side=(360, 400), images_per_shard=256, arch="resnet50", crop_size=224,
-                   model_batch=256, queue_sizes=(4096, 65536), pipeline_batches=(128, 256),
-                   pipeline_threads=threads, pipeline_crop=224, pipeline_passes=4, pipeline_warmup=5, e2e_batch=256, e2e_steps=50,
-                   warmup=10, iters=10, repeats=5, ingest_images=512)
+        return cls(corpus_images=27648, short_side=(360, 400), images_per_shard=256, arch="resnet50", crop_size=224,
+                   model_batch=256, queue_sizes=(4096, 65536), pipeline_batches=(128, 256), pipeline_threads=threads,
+                   pipeline_crop=224, pipeline_warmup=10, pipeline_window=10, pipeline_windows=4,
+                   boundary_budget_s=15.0, e2e_batch=256, e2e_steps=30, e2e_repeats=3, warmup=10, iters=10, repeats=5,
+                   ingest_images=512)
 
     @classmethod
     def quick(cls, cores: int) -> Sizes:
+        """A smoke run on 2 CPU cores: ResNet-18 at 32 px; 192 photos, 24 batches of 8 per pass (12 of 16 in e2e)."""
         threads = tuple(sorted({1, max(min(cores, 2), 1)}))
-        return cls(corpus_images=48, short_side=(360, 400), images_per_shard=16, arch="resnet18", crop_size=32,
+        return cls(corpus_images=192, short_side=(360, 400), images_per_shard=16, arch="resnet18", crop_size=32,
                    model_batch=16, queue_sizes=(256,), pipeline_batches=(8,), pipeline_threads=threads,
-                   pipeline_crop=64, pipeline_passes=2, pipeline_warmup=1, e2e_batch=16, e2e_steps=4, warmup=1, iters=1, repeats=3, ingest_images=64)
+                   pipeline_crop=64, pipeline_warmup=6, pipeline_window=4, pipeline_windows=5, boundary_budget_s=0.0,
+                   e2e_batch=16, e2e_steps=4, e2e_repeats=3, warmup=1, iters=1, repeats=3, ingest_images=64)
 
 
 @dataclass

@@ -6,9 +6,8 @@ times ``iters`` back-to-back calls (so per-call launch jitter averages out) and 
 median over repeats with the min and max next to it.
 
 A loader is different: it re-deals its shards at every pass boundary and pays for a new pipeline (or new
-workers) there, so a window of a few batches is either fast or dominated by one boundary, and its median says
-nothing. :func:`measure_passes` times whole passes and reports the speed within a pass and the extra cost per
-boundary separately, which gives the amortised speed for a corpus of any size.
+workers) there. :func:`measure_loader` times windows of batches and reports the speed of the windows within a
+pass apart from the extra time of the windows that crossed a boundary, which gives the rate for any corpus size.
 """
 
 from __future__ import annotations
@@ -104,68 +103,67 @@ def measure(fn: Callable[[], object], *, items_per_call: int, warmup: int, iters
 
 
 @dataclass(frozen=True)
-class PassThroughput:
-    """A loader timed over whole passes, split into its speed within a pass and its cost at a pass boundary.
+class LoaderThroughput:
+    """A loader's speed within a pass, apart from the extra time of the windows that crossed a pass boundary.
 
     With ``s`` seconds per batch within a pass and ``b`` extra seconds per boundary, a corpus of ``B`` batches
-    per pass delivers ``B * items / (B * s + b)`` items/s: so these figures give the amortised rate for any
-    corpus size, not only the benchmark's.
+    per pass delivers ``B * items / (B * s + b)`` items/s, so these figures give the rate for any corpus size.
     """
 
     batches_per_pass: int
-    items_per_s: Stats  # amortised over whole passes of the measured corpus (boundary included)
-    steady_items_per_s: Stats  # within a pass: the mean over the batches after the first of each pass
-    steady_seconds_per_call: Stats
-    boundary_s: Stats  # extra seconds per pass: pass time - batches_per_pass x steady batch time (noise: signed)
+    items_per_s: Stats | None  # windows within a pass (None when every window crossed a boundary)
+    seconds_per_call: Stats | None
+    boundary_s: Stats | None  # per crossing window: its time - window x the median in-pass batch time (signed)
+    timed_batches: int
 
 
-def measure_passes(fn: Callable[[], object], *, items_per_call: int, batches_per_pass: int, warmup: int, passes: int,
-                   device: torch.device | str | None = None) -> PassThroughput:
-    """Time ``passes`` whole passes of a loader, one call at a time, each pass starting at its boundary.
+def measure_loader(fn: Callable[[], object], *, items_per_call: int, batches_per_pass: int, warmup: int, window: int,
+                   windows: int, device: torch.device | str | None = None,
+                   boundary_budget_s: float = 0.0) -> LoaderThroughput:
+    """Time a loader in consecutive windows of ``window`` batches after ``warmup`` untimed ones.
 
-    ``fn`` must be the loader's ``next`` from the start of the stream (pass 0, batch 0), so that every
-    ``batches_per_pass``-th call crosses a pass boundary. The ``warmup`` untimed calls are rounded up to the end
-    of a pass (pipeline start-up is not a boundary cost); each timed pass then begins with the batch that
-    crosses the boundary (re-dealt shards, new pipeline or workers). Per pass: the steady batch time is the
-    mean of its calls after the first (a mean, not a median, because worker processes deliver in bursts: one
-    slow call, then several prefetched ones), and the boundary cost is what the pass took beyond
-    ``batches_per_pass`` steady batches, i.e. the first call's excess. The split is only meaningful when a pass
-    is longer than the loader's pipeline depth (workers x prefetch): a pass that ends while the prefetched
-    batches are still arriving shows a steady speed that is really the prefetch draining, while the amortised
-    ``items_per_s`` stays exact either way.
+    ``fn`` must be the loader's ``next`` from the start of its stream, so that call ``j`` (counted from 0) is the
+    first batch of a pass when ``j % batches_per_pass == 0``. A window is a whole number of calls timed as one
+    (batches come in bursts from worker processes and prefetch queues; a per-call median would measure the
+    bursts): the windows that contain a boundary call are the boundary's, the others give the speed within a
+    pass. A window, not a single call, is charged for a boundary because a loader that prepares the next pass
+    ahead spends that time in the batches before it and may catch up after it.
 
     Args:
         fn: returns the next batch.
         items_per_call: pairs per batch.
-        batches_per_pass: the loader's batches per pass (constant over passes).
-        warmup: untimed calls at least, rounded up to a whole number of passes.
-        passes: timed passes; the statistics are over passes.
+        batches_per_pass: the loader's batches per pass.
+        warmup: untimed calls first (pipeline start-up, worker spawn, queues filling).
+        window: calls per timed window.
+        windows: timed windows at least.
         device: the device whose queue is drained before each clock read.
+        boundary_budget_s: after ``windows`` windows with no boundary crossed, keep timing windows until one
+            crosses or this many seconds of timing have passed (0: stop after ``windows``).
 
     Returns:
-        PassThroughput with Stats over the timed passes.
+        LoaderThroughput; its Stats are over windows.
     """
-    if batches_per_pass < 1 or passes < 1 or warmup < 0:
-        raise ValueError(f"need batches_per_pass >= 1, passes >= 1, warmup >= 0; "
-                         f"got {batches_per_pass}, {passes}, {warmup}")
-    for _ in range(-(-max(warmup, 1) // batches_per_pass) * batches_per_pass):
+    if batches_per_pass < 1 or window < 1 or windows < 1 or warmup < 0:
+        raise ValueError(f"need batches_per_pass, window, windows >= 1 and warmup >= 0; "
+                         f"got {batches_per_pass}, {window}, {windows}, {warmup}")
+    for _ in range(warmup):
         fn()
-    rates, steady_rates, steady_s, boundary_s = [], [], [], []
-    for _ in range(passes):
-        times = []
-        for _ in range(batches_per_pass):
-            synchronize(device)
-            start = time.perf_counter()
+    calls, inside, crossing = warmup, [], []
+    t_start = time.perf_counter()
+    while len(inside) + len(crossing) < windows or (
+            not crossing and time.perf_counter() - t_start < boundary_budget_s):
+        crosses = any(j > 0 and j % batches_per_pass == 0 for j in range(calls, calls + window))
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(window):
             fn()
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-        steady = statistics.fmean(times[1:]) if batches_per_pass > 1 else times[0]
-        rates.append(items_per_call * batches_per_pass / sum(times))
-        steady_rates.append(items_per_call / steady)
-        steady_s.append(steady)
-        boundary_s.append(sum(times) - batches_per_pass * steady)
-    return PassThroughput(batches_per_pass, Stats.of(rates), Stats.of(steady_rates), Stats.of(steady_s),
-                          Stats.of(boundary_s))
+        synchronize(device)
+        (crossing if crosses else inside).append(time.perf_counter() - start)
+        calls += window
+    per_call = Stats.of([t / window for t in inside]) if inside else None
+    rates = Stats.of([items_per_call * window / t for t in inside]) if inside else None
+    boundary = Stats.of([t - window * per_call.median for t in crossing]) if crossing and per_call else None
+    return LoaderThroughput(batches_per_pass, rates, per_call, boundary, calls - warmup)
 
 
 def measure_interleaved(fns: dict[str, Callable[[], object]], *, items_per_call: int, iters: int, repeats: int,

@@ -12,6 +12,8 @@ Launch:
     torchrun --nproc-per-node=8 -m eval.linear --config lincls.yaml                              # one node, DDP
     python -m eval.linear --help                                                                 # every option
 
+--config takes YAML nested under ``linear:`` (``linear: {lr: 0.1, epochs: 20}``), the shape ``--print-config`` prints.
+
 --train/--val take a shard manifest with .cls labels (``python -m shards build --labels-from-folders``) or an
 image folder ``root/<class>/<image>``. Prints top-1/top-5 and, with --out, writes linear_eval.json and classifier.pt.
 """
@@ -31,8 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+import cli
 import distributed
-from config import ConfigError, _f, main_guard, parse_dataclass
+from cli import ConfigError
+from cli import option as _f
 from eval.export import CheckpointError, load_backbone
 from eval.knn import pooled_features
 from eval.labelled_data import (
@@ -69,23 +73,24 @@ class LinearEvalConfig:
     print_every: int = _f(50, "Print the training loss every N steps.")
     out: str = _f("", "Write the result (JSON) and the classifier weights into this directory (empty: no files).")
     dist_timeout_s: float = _f(600.0, "Collective timeout in seconds.")
+    torch_threads: int = _f(0, "torch intra-op CPU threads per rank. 0: the usable cores / ranks on this node.")
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "train_crop", "val_resize", "val_crop", "print_every"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be > 0; got {getattr(self, name)}")
+                raise ConfigError(f"linear.{name} must be > 0; got {getattr(self, name)}")
         for name in ("lr", "dist_timeout_s"):
             if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be > 0; got {getattr(self, name)}")
-        for name in ("weight_decay", "workers", "max_steps"):
+                raise ConfigError(f"linear.{name} must be > 0; got {getattr(self, name)}")
+        for name in ("weight_decay", "workers", "max_steps", "torch_threads"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)}")
+                raise ConfigError(f"linear.{name} must be >= 0; got {getattr(self, name)}")
         if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"momentum must be in [0, 1); got {self.momentum}")
+            raise ConfigError(f"linear.momentum must be in [0, 1); got {self.momentum}")
         if list(self.milestones) != sorted(self.milestones) or any(m <= 0 for m in self.milestones):
-            raise ConfigError(f"milestones must be increasing positive epochs; got {self.milestones}")
+            raise ConfigError(f"linear.milestones must be increasing positive epochs; got {self.milestones}")
         if self.val_crop > self.val_resize:
-            raise ConfigError(f"val_crop ({self.val_crop}) must not exceed val_resize ({self.val_resize})")
+            raise ConfigError(f"linear.val_crop ({self.val_crop}) must not exceed val_resize ({self.val_resize})")
 
 
 def state_hash(module: torch.nn.Module) -> str:
@@ -263,11 +268,17 @@ def linear_eval(cfg: LinearEvalConfig) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg = main_guard(lambda: parse_dataclass(LinearEvalConfig, argv, description=__doc__.splitlines()[0],
-                                             title="linear evaluation"))
-    main_guard(lambda: linear_eval(cfg), user_errors=(CheckpointError, LabelledSetError))
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line (``--config`` nested under ``linear:``), then evaluate; mistakes exit 2 in one line."""
+
+    def run() -> None:
+        cfg = cli.parse(LinearEvalConfig, argv, group="linear", description=__doc__.split("\n\n")[0],
+                        prog="python -m eval.linear")
+        distributed.set_torch_threads(cfg.torch_threads)
+        linear_eval(cfg)
+
+    return cli.guard(run, user_errors=(CheckpointError, LabelledSetError))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())

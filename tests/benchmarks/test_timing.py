@@ -1,5 +1,5 @@
-"""Pass-aware timing: steady speed within a pass vs the extra cost per pass boundary, against a scripted clock and
-a real loader."""
+"""Pass-aware loader timing: speed within a pass vs the extra time of the window that crossed a pass boundary,
+against a scripted clock and real loaders."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 
 from benchmarks import timing
-from benchmarks.timing import StepClock, measure_passes
+from benchmarks.timing import StepClock, measure_loader
 
 
 class FakeLoader:
@@ -28,28 +28,47 @@ class FakeLoader:
         self.calls += 1
 
 
-@pytest.mark.parametrize("per_pass, warmup, passes", [(1, 0, 3), (6, 1, 2), (8, 5, 4), (3, 7, 1)])
+@pytest.mark.parametrize("per_pass, warmup, window, windows, crossing", [
+    (24, 6, 4, 5, 1),  # the --quick shape: one window of five holds the boundary
+    (8, 1, 2, 6, 1),
+    (6, 0, 3, 6, 2),  # the boundary at call 6 is the first call of a window, 12 the first of the next but one
+    (100, 10, 10, 4, 0),  # no boundary within the timed batches
+])
 @pytest.mark.parametrize("extra", [0.0, 0.4])
-def test_measure_passes_separates_steady_speed_from_boundary_cost(monkeypatch, per_pass, warmup, passes, extra):
+def test_measure_loader_separates_in_pass_speed_from_boundary_time(monkeypatch, per_pass, warmup, window, windows,
+                                                                   crossing, extra):
     loader = FakeLoader(per_pass, base=0.01, extra=extra)
     monkeypatch.setattr(timing.time, "perf_counter", loader.clock)
-    tp = measure_passes(loader, items_per_call=8, batches_per_pass=per_pass, warmup=warmup, passes=passes)
-    warmup_calls = math.ceil(max(warmup, 1) / per_pass) * per_pass  # whole passes: timing starts at a boundary
-    assert loader.calls == warmup_calls + passes * per_pass
-    assert tp.batches_per_pass == per_pass and tp.boundary_s.n == passes
-    if per_pass > 1:
-        assert tp.steady_seconds_per_call.median == pytest.approx(0.01)
-        assert tp.steady_items_per_s.median == pytest.approx(800)
-        assert tp.boundary_s.median == pytest.approx(extra)
-    # amortised over whole passes: B x items / (B x steady + boundary), the formula the report gives
-    assert tp.items_per_s.median == pytest.approx(8 * per_pass / (per_pass * 0.01 + extra))
+    tp = measure_loader(loader, items_per_call=8, batches_per_pass=per_pass, warmup=warmup, window=window,
+                        windows=windows)
+    assert loader.calls == warmup + windows * window and tp.timed_batches == windows * window
+    assert tp.seconds_per_call.median == pytest.approx(0.01) and tp.items_per_s.median == pytest.approx(800)
+    assert tp.seconds_per_call.n == windows - crossing
+    if crossing:
+        assert tp.boundary_s.n == crossing and tp.boundary_s.median == pytest.approx(extra)
+    else:
+        assert tp.boundary_s is None
 
 
-def test_measure_passes_rejects_empty_windows():
+def test_measure_loader_keeps_timing_until_a_boundary_within_its_budget(monkeypatch):
+    loader = FakeLoader(20, base=0.01, extra=0.3)
+    monkeypatch.setattr(timing.time, "perf_counter", loader.clock)
+    tp = measure_loader(loader, items_per_call=1, batches_per_pass=20, warmup=2, window=4, windows=2,
+                        boundary_budget_s=10.0)
+    assert tp.boundary_s.n == 1 and tp.boundary_s.median == pytest.approx(0.3)
+    assert loader.calls == 2 + 5 * 4  # the fifth window, calls 18-21, holds call 20
+    loader = FakeLoader(1000, base=0.01, extra=0.3)
+    monkeypatch.setattr(timing.time, "perf_counter", loader.clock)
+    tp = measure_loader(loader, items_per_call=1, batches_per_pass=1000, warmup=0, window=10, windows=2,
+                        boundary_budget_s=0.5)
+    assert tp.boundary_s is None and 0.5 <= loader.calls * 0.01 <= 0.5 + 0.1 + 1e-9  # stopped by the budget
+
+
+def test_measure_loader_rejects_empty_windows():
     with pytest.raises(ValueError):
-        measure_passes(lambda: None, items_per_call=1, batches_per_pass=0, warmup=0, passes=1)
+        measure_loader(lambda: None, items_per_call=1, batches_per_pass=0, warmup=0, window=1, windows=1)
     with pytest.raises(ValueError):
-        measure_passes(lambda: None, items_per_call=1, batches_per_pass=4, warmup=0, passes=0)
+        measure_loader(lambda: None, items_per_call=1, batches_per_pass=4, warmup=0, window=1, windows=0)
 
 
 def test_step_clock_splits_boundary_steps(monkeypatch):
@@ -80,19 +99,38 @@ def test_step_clock_without_boundaries():
 
 
 @pytest.mark.parametrize("backend", ["dali", "pytorch"])
-def test_measure_passes_on_a_real_loader(shard_dir, backend):
+def test_measure_loader_on_a_real_loader(shard_dir, backend):
     from distributed import DistInfo
     from pipeline import build_train_loader
     from tests.pipeline.helpers import make_cfg
 
     loader = build_train_loader(make_cfg(shard_dir, backend), DistInfo())
     try:
-        tp = measure_passes(loader.__next__, items_per_call=loader.local_batch_size,
-                            batches_per_pass=loader.batches_per_pass, warmup=1, passes=2)
-        assert loader.pass_index == 2 and loader.batch_in_pass == loader.batches_per_pass  # whole passes timed
+        tp = measure_loader(loader.__next__, items_per_call=loader.local_batch_size,
+                            batches_per_pass=loader.batches_per_pass, warmup=1, window=2, windows=4)
+        assert loader.pass_index == 1 and loader.batch_in_pass == 3  # 9 batches: one boundary crossed
     finally:
         loader.close()
-    assert tp.batches_per_pass == 6
-    for stats in (tp.items_per_s, tp.steady_items_per_s, tp.steady_seconds_per_call):
-        assert stats.n == 2 and 0 < stats.min <= stats.median <= stats.max and math.isfinite(stats.max)
-    assert math.isfinite(tp.boundary_s.median)
+    assert loader.batches_per_pass == 6 and tp.timed_batches == 8
+    for stats in (tp.items_per_s, tp.seconds_per_call):
+        assert stats.n == 3 and 0 < stats.min <= stats.median <= stats.max and math.isfinite(stats.max)
+    assert tp.boundary_s.n == 1 and math.isfinite(tp.boundary_s.median)
+
+
+def test_tuned_loader_delivers_normalised_views_without_pass_boundaries(shard_dir):
+    import torch
+
+    from benchmarks.tuned_torch_loader import TunedTorchLoader
+    from pipeline.recipes import MOCO_V2
+
+    loader = TunedTorchLoader(str(shard_dir), batch=4, workers=2, recipe=MOCO_V2, size=32, device=torch.device("cpu"),
+                              dtype=torch.float32, channels_last=True)
+    try:
+        batches = [next(loader) for _ in range(15)]  # more than a pass (48 images, 12 batches): the stream goes on
+    finally:
+        loader.close()
+    assert loader.batches_per_pass == 12 and loader.pass_index == 0 and loader.bad_samples == 0
+    q, k = batches[-1]
+    assert q.shape == k.shape == (4, 3, 32, 32) and q.is_contiguous(memory_format=torch.channels_last)
+    assert not torch.equal(q, k)  # two different random views of the same images
+    assert -3 < q.mean() < 3 and 0.3 < q.std() < 3  # normalised with the recipe's mean and std

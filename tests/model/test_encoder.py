@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
+import cli
 import config as config_lib
 from model import MoCo
 from model.encoder import build_backbone, build_encoder, use_cifar_stem
@@ -61,12 +62,12 @@ def test_bad_stem_and_non_resnet_are_one_line_errors():
     with pytest.raises(ValueError, match="cifar stem needs a ResNet-family network"):
         use_cifar_stem(torchvision.models.shufflenet_v2_x0_5())
     with pytest.raises(config_lib.ConfigError, match="model.stem must be one of imagenet, cifar"):
-        config_lib.parse_config(["--stem", "tiny"])
+        cli.parse(config_lib.Config, ["--stem", "tiny"])
 
 
 def test_moco_builds_both_encoders_with_the_configured_stem():
-    cfg = config_lib.parse_config(["--arch", "resnet18", "--stem", "cifar", "--queue-size", "32", "--dim", "16",
-                                   "--mlp-hidden-dim", "32", "--split-bn-groups", "2"])
+    cfg = cli.parse(config_lib.Config, ["--arch", "resnet18", "--stem", "cifar", "--queue-size", "32", "--dim", "16",
+                                        "--mlp-hidden-dim", "32", "--split-bn-groups", "2"])
     torch.manual_seed(0)
     model = MoCo(cfg.model)
     for encoder in (model.encoder_q, model.encoder_k):
