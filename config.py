@@ -100,8 +100,8 @@ class RunConfig:
     seed: int = _f(0, "Global seed: model init, shard order and augmentation randomness derive from it.")
     device: Literal["auto", "cuda", "cpu"] = _f("auto", "Training device. auto: CUDA when available.")
     torch_threads: int = _f(
-        0, "torch intra-op CPU threads per rank. 0: the usable cores (CPU affinity) / ranks on this node. More threads "
-        "than cores make OpenMP threads spin-wait for each other (measured several times slower on 2 cores).")
+        0, "torch intra-op CPU threads per rank. 0: the usable cores (CPU affinity) / ranks on this node, less "
+        "data.num_threads (the loader's), at least 1. More threads than cores make OpenMP threads spin-wait.")
     log_every: int = _f(20, "Reduce and print metrics every N steps (host sync happens only then).")
     checkpoint_every_steps: int = _f(1000, "Write a checkpoint every N steps (0: off).")
     checkpoint_every_minutes: float = _f(15.0, "Also write a checkpoint every N minutes (0: off). Bounds lost work on preemption.")

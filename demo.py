@@ -10,17 +10,19 @@ no synthetic noise). The encoder is a ResNet-18 at 64 px on the CPU (ResNet-50 a
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+import cli
 import config as config_lib
+import distributed
+from cli import ConfigError, option
 from shards.sample_corpus import write_sample_corpus
 
 
@@ -54,18 +56,38 @@ def demo_config(shard_dir: Path, run_dir: Path, steps: int) -> config_lib.Config
     })
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/demo", help="run directory (recreated)")
-    parser.add_argument("--steps", type=int, default=200, help="training steps (200: about 3 minutes on 2 CPU cores)")
-    parser.add_argument("--images", type=int, default=512, help="images in the embedded corpus")
-    args = parser.parse_args()
+@dataclass(frozen=True)
+class DemoOptions:
+    """Options of the demo."""
 
+    out: str = option("runs/demo", "Run directory (recreated).", metavar="DIR")
+    steps: int = option(200, "Training steps (200: about 3 minutes on 2 CPU cores).")
+    images: int = option(512, "Images in the embedded corpus.")
+    torch_threads: int = option(0, "torch intra-op threads. 0: the usable cores minus the loader's one thread.")
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "images"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name} must be > 0; got {getattr(self, name)}")
+        if self.torch_threads < 0:
+            raise ConfigError(f"--torch-threads must be >= 0; got {self.torch_threads}")
+
+
+def parse_args(argv: list[str] | None = None) -> DemoOptions:
+    parser = cli.ArgumentParser(prog="python -m demo", description=__doc__)
+    names = cli.add_flags(parser, DemoOptions)
+    return cli.build(DemoOptions, cli.flag_values(parser.parse_args(argv), names), prefix="--")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.guard(lambda: run(parse_args(argv)))
+
+
+def run(args: DemoOptions) -> None:
     from train import train
 
-    if not torch.cuda.is_available():
-        # DALI's CPU thread takes one core; more torch threads than the rest only fight it (measured ~10x slower).
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    # DALI's CPU thread takes one core; more torch threads than the rest only fight it (measured ~10x slower).
+    distributed.set_torch_threads(args.torch_threads, reserved=1)
 
     run_dir = Path(args.out)
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -81,4 +103,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

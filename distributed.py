@@ -146,21 +146,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def set_torch_threads(requested: int = 0, env: dict[str, str] | None = None) -> int:
+def set_torch_threads(requested: int = 0, reserved: int = 0, env: dict[str, str] | None = None) -> int:
     """Set torch's intra-op thread count for this process and return it.
 
     Args:
         requested: threads to use; 0: the cores this process may run on (``os.sched_getaffinity``, which honours
-            Slurm's and taskset's CPU masks) shared by the ranks on this node (``LOCAL_WORLD_SIZE``), at least 1.
-            torch's own default counts every core of the machine in every rank, so 8 ranks on a node, or a
-            container given 2 of the host's 64 cores, oversubscribe it and spin-wait several times slower.
+            Slurm's and taskset's CPU masks) shared by the ranks on this node (``LOCAL_WORLD_SIZE``), less
+            ``reserved``, at least 1. torch's own default counts every core of the machine in every rank, so 8 ranks
+            on a node, or a loader's threads next to torch's on a small CPU, oversubscribe the cores and OpenMP
+            threads spin-wait for each other, several times slower.
+        reserved: cores per rank kept for other busy threads of this rank (the loader's decode threads).
         env: environment to read (defaults to ``os.environ``).
     """
     if requested <= 0:
         env = os.environ if env is None else env
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         local_ranks = int(env.get("LOCAL_WORLD_SIZE") or 1)
-        requested = max(1, cores // max(local_ranks, 1))
+        requested = max(1, cores // max(local_ranks, 1) - reserved)
     torch.set_num_threads(requested)
     return requested
 

@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> None:
         cfg = cli.parse(Config, argv, description=__doc__.split("\n\n")[0], prog="train.py")
-        distributed.set_torch_threads(cfg.run.torch_threads)
+        distributed.set_torch_threads(cfg.run.torch_threads, reserved=cfg.data.num_threads)
         train(cfg)
 
     return cli.guard(run, user_errors=(ManifestError, FileNotFoundError))

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torchvision
 
+import cli
 from model.encoder import build_backbone, use_cifar_stem
 
 # Prefixes under which a backbone's torchvision keys (conv1.weight, layer1.0.bn1.weight, ...) are stored, tried in
@@ -202,20 +203,26 @@ def export(source: str | os.PathLike | dict, fmt: str, out: str | os.PathLike, a
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Export the query encoder's backbone from a MoCo checkpoint.")
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(prog="python -m eval.export",
+                                description="Export the query encoder's backbone from a MoCo checkpoint.")
     parser.add_argument("checkpoint", help="checkpoint file (this project's, the original MoCo's, or a state dict)")
     parser.add_argument("--format", choices=("torchvision", "detectron2"), default="torchvision",
                         help="torchvision: state_dict for torchvision.models.<arch>() (fc missing); "
-                             "detectron2: .pkl for MODEL.WEIGHTS")
-    parser.add_argument("--out", required=True, help="output file (.pth for torchvision, .pkl for detectron2)")
-    parser.add_argument("--arch", default=None, help="torchvision architecture; default: the checkpoint's")
-    args = parser.parse_args(argv)
-    try:
-        path = export(args.checkpoint, args.format, args.out, args.arch)
-    except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+                             "detectron2: .pkl for MODEL.WEIGHTS (default: torchvision)")
+    parser.add_argument("--out", required=True, metavar="FILE",
+                        help="output file (.pth for torchvision, .pkl for detectron2)")
+    parser.add_argument("--arch", default=None, metavar="NAME",
+                        help="torchvision architecture (default: the one the checkpoint records)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.guard(lambda: _main(build_parser().parse_args(argv)), user_errors=(CheckpointError,))
+
+
+def _main(args: argparse.Namespace) -> int:
+    path = export(args.checkpoint, args.format, args.out, args.arch)
     print(f"wrote {args.format} weights to {path}")
     if args.format == "torchvision" and stem_of(torch.load(path, map_location="cpu", weights_only=True)) == "cifar":
         print("note: cifar stem (3x3 conv1, no max-pool): load into torchvision.models.<arch>() after "

@@ -73,7 +73,8 @@ class LinearEvalConfig:
     print_every: int = _f(50, "Print the training loss every N steps.")
     out: str = _f("", "Write the result (JSON) and the classifier weights into this directory (empty: no files).")
     dist_timeout_s: float = _f(600.0, "Collective timeout in seconds.")
-    torch_threads: int = _f(0, "torch intra-op CPU threads per rank. 0: the usable cores / ranks on this node.")
+    torch_threads: int = _f(0, "torch intra-op CPU threads per rank. 0: the usable cores / ranks on this node, less "
+                               "the decode workers, at least 1.")
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "train_crop", "val_resize", "val_crop", "print_every"):
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> None:
         cfg = cli.parse(LinearEvalConfig, argv, group="linear", description=__doc__.split("\n\n")[0],
                         prog="python -m eval.linear")
-        distributed.set_torch_threads(cfg.torch_threads)
+        distributed.set_torch_threads(cfg.torch_threads, reserved=cfg.workers)
         linear_eval(cfg)
 
     return cli.guard(run, user_errors=(CheckpointError, LabelledSetError))
