@@ -1,4 +1,4 @@
-"""Corrupt-sample bookkeeping shared by the backends: locations, decode checks, filtered DALI indexes."""
+"""Unreadable-sample bookkeeping shared by the backends: locations, decode checks, filtered DALI indexes."""
 
 from __future__ import annotations
 
@@ -35,18 +35,38 @@ def decodes(data: bytes) -> bool:
 
 
 class BadSampleLog:
-    """Counts corrupt samples and remembers where they are, in the order found (deduplicated)."""
+    """Counts unreadable samples and remembers where they are, in the order found (deduplicated).
 
-    def __init__(self, locations: list[str] | None = None, bad_batches: int = 0):
+    A sample that cannot be read is a location (``<tar>:<offset>:<member>``); a shard that cannot be read at
+    all is an entry of ``dropped`` (tar path -> the samples the manifest gives it), counted in ``count``.
+    """
+
+    def __init__(self, locations: list[str] | None = None, bad_batches: int = 0,
+                 dropped: dict[str, int] | None = None):
         self.locations: list[str] = list(locations or [])
+        self._known = set(self.locations)
         self.bad_batches = bad_batches  # batches lost to decode failures (DALI loses a whole batch per failure)
+        self.dropped: dict[str, int] = dict(dropped or {})
 
     def add(self, loc: str) -> bool:
         """Record ``loc``; False if it was already known."""
-        if loc in self.locations:
+        if loc in self._known:
             return False
+        self._known.add(loc)
         self.locations.append(loc)
         return True
+
+    def drop(self, tar: str, samples: int) -> bool:
+        """Record that the shard ``tar`` (``samples`` samples) cannot be read; False if it was already known."""
+        if tar in self.dropped:
+            return False
+        self.dropped[tar] = samples
+        return True
+
+    @property
+    def count(self) -> int:
+        """Samples lost: the unreadable ones plus every sample of the dropped shards."""
+        return len(self.locations) + sum(self.dropped.values())
 
     def names_by_tar(self) -> dict[str, set[str]]:
         out: dict[str, set[str]] = {}

@@ -1,9 +1,12 @@
 """`shards verify`: every shard opens, its index matches the tar, every image decodes (Pillow, then DALI).
 
-Three passes, cheapest first, so a failure names the shard and sample: (1) the manifest's files exist and
-each index lists exactly the tar's members at their data offsets; (2) every sample has its components, its
-JPEG decodes strictly with Pillow to the size its JSON records, its class index is in range; (3) DALI's
+Three passes, cheapest first, so a failure names the file and the byte offset: (1) the manifest's files exist,
+each index parses, its data lie inside the tar (else: truncated, and how many samples are lost), a valid tar
+header giving the indexed size sits before every member's data (else: a corrupt header, or an index that is
+not this tar's), and the index lists exactly the tar's members; (2) every sample has its components, its JPEG
+decodes strictly with Pillow to the size its JSON records, its class index is in range; (3) DALI's
 ``fn.readers.webdataset`` with the written index files and the CPU JPEG decoder reads every sample once.
+The damage kinds are those the training loaders skip (``pipeline.shard_check``); verify names every instance.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from shards.manifest import Manifest, ManifestError, read_manifest
+from pipeline.shard_check import check_shard
+from shards.manifest import Manifest, ManifestError, ShardEntry, read_manifest
 from shards.writer import read_index
 
 
@@ -47,7 +51,7 @@ def verify_shards(path: str | os.PathLike, dali: bool = True, max_errors: int = 
     """
     report = VerifyReport()
     try:
-        manifest = read_manifest(path)
+        manifest = read_manifest(path, check_files=False)
     except ManifestError as exc:
         report.errors.append(str(exc))
         return report
@@ -55,26 +59,25 @@ def verify_shards(path: str | os.PathLike, dali: bool = True, max_errors: int = 
     for shard in manifest.shards:
         report.shards += 1
         tar_path, idx_path = manifest.tar_path(shard), manifest.index_path(shard)
+        missing = [p for p in (tar_path, idx_path) if not p.is_file()]
+        if missing:
+            report.errors.extend(f"{p.name}: missing {'shard' if p == tar_path else 'index file'}" for p in missing)
+            continue
+        report.errors.extend(_structure_problems(manifest, shard))
+        size = tar_path.stat().st_size
         try:
             records = read_index(idx_path)
-            with tarfile.open(tar_path, "r:") as tar:
-                members = [(m.name, m.offset_data, m.size) for m in tar.getmembers()]
-        except (OSError, ValueError, tarfile.TarError) as exc:
-            report.errors.append(f"{tar_path.name}: cannot read shard or index: {exc}")
-            continue
-        indexed = [(name, offset, size) for rec in records for _ext, offset, size, name in rec.files]
-        if indexed != members:
-            report.errors.append(f"{idx_path.name}: index does not match the members of {tar_path.name}")
-            continue
-        if len(records) != shard.samples or tar_path.stat().st_size != shard.bytes:
-            report.errors.append(f"{tar_path.name}: manifest says {shard.samples} samples / {shard.bytes} bytes, "
-                                 f"found {len(records)} / {tar_path.stat().st_size}")
+        except (OSError, ValueError):
+            records = []  # reported by _structure_problems
         with open(tar_path, "rb") as fh:
             for rec in records:
+                if any(offset + length > size for _ext, offset, length, _name in rec.files):
+                    continue  # beyond the end of a truncated tar: reported once per shard
                 report.samples += 1
                 problem = _check_sample(fh, rec.files, num_classes)
                 if problem:
-                    report.errors.append(f"{tar_path.name}:{rec.key}: {problem}")
+                    _ext, offset, _size, name = next((f for f in rec.files if f[0] == "jpg"), rec.files[0])
+                    report.errors.append(f"{tar_path.name}:{offset}:{name}: {problem}")
         if len(report.errors) >= max_errors:
             return report
     if dali and not report.errors:
@@ -84,6 +87,36 @@ def verify_shards(path: str | os.PathLike, dali: bool = True, max_errors: int = 
         elif report.dali_samples != manifest.total_samples:
             report.errors.append(f"DALI read {report.dali_samples} samples, the manifest lists {manifest.total_samples}")
     return report
+
+
+def _structure_problems(manifest: Manifest, shard: ShardEntry) -> list[str]:
+    """The damage of one shard's tar and index, each problem naming the file and where in it."""
+    tar_path, idx_path = manifest.tar_path(shard), manifest.index_path(shard)
+    check = check_shard(tar_path, idx_path, all_headers=True)
+    if check.problem:
+        return [f"{tar_path.name}: {check.problem}"]
+    problems = [f"{tar_path.name}: {check.note}"] if check.note else []
+    problems += [f"{tar_path.name}: corrupt tar header at offset {h.offset} ({h.name}): {h.reason}"
+                 for h in check.bad_headers]
+    if problems:
+        return problems  # the tarfile walk below would stop at the damage
+    records = read_index(idx_path)
+    size = tar_path.stat().st_size
+    try:
+        with tarfile.open(tar_path, "r:") as tar:
+            members = [(m.name, m.offset_data, m.size) for m in tar.getmembers()]
+    except (OSError, tarfile.TarError) as exc:
+        return [f"{tar_path.name}: not readable as a tar: {exc}"]
+    indexed = [(name, offset, length) for rec in records for _ext, offset, length, name in rec.files]
+    if indexed != members:
+        first = next((i for i, (a, b) in enumerate(zip(indexed, members)) if a != b), min(len(indexed), len(members)))
+        where = (members[first] if first < len(members) else indexed[first])[1] - tarfile.BLOCKSIZE
+        problems.append(f"{idx_path.name}: does not list the members of {tar_path.name} ({len(indexed)} indexed, "
+                        f"{len(members)} in the tar; they differ from the header at offset {where})")
+    elif len(records) != shard.samples or size != shard.bytes:
+        problems.append(f"{tar_path.name}: manifest says {shard.samples} samples / {shard.bytes} bytes, "
+                        f"found {len(records)} / {size}")
+    return problems
 
 
 def _check_sample(fh, files: tuple[tuple[str, int, int, str], ...], num_classes: int) -> str:

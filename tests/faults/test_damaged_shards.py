@@ -1,0 +1,218 @@
+"""Damaged shard files at training time, on both backends: never a crash, never a silent loss.
+
+Real shards (3 x 16 real photos) are damaged on disk the way disks and copies do it (``tests/faults/damage.py``):
+what cannot be read is skipped, counted and named by ``<tar>:<offset>:<member>``; a shard that cannot be read at
+all is dropped with one warning line; every rank still yields the same number of batches per pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed import DistInfo
+from pipeline import build_train_loader
+from pipeline.shard_check import check_shard
+from pipeline.torch_loader import indexed_samples
+from shards.manifest import ManifestError
+from shards.verify import verify_shards
+from tests.conftest import REPO, write_simple_shards
+from tests.faults import damage
+from tests.pipeline.helpers import BACKENDS, make_cfg
+
+SHARD = "train-000001"  # the shard every case damages (the middle one of three)
+
+
+@pytest.fixture(scope="module")
+def clean(photo_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("clean")
+    write_simple_shards(sorted(photo_dir.rglob("*.*")), out, per_shard=16)
+    return out
+
+
+def _files(root: Path) -> tuple[Path, Path]:
+    return root / f"{SHARD}.tar", root / f"{SHARD}.idx"
+
+
+def _damage(case: str, root: Path) -> tuple[list[str], int, str]:
+    """Apply ``case`` to the middle shard; returns (lost locations, samples of the dropped shard, warning text)."""
+    tar, idx = _files(root)
+    if case == "cut_in_data":  # the cut falls in sample 8's JPEG: samples 8..15 are lost
+        return damage.truncate_inside(tar, idx, 8, into=100), 0, "truncated at"
+    if case == "cut_in_header":  # the cut falls in sample 5's header: 5..15 are lost
+        return damage.truncate_in_header(tar, idx, 5), 0, "truncated at"
+    if case == "zero_bytes":
+        damage.empty_file(tar)
+        return [], 16, "empty file (0 bytes)"
+    if case == "empty_index":
+        damage.empty_file(idx)
+        return [], 16, f"index file {SHARD}.idx is unusable (empty index file)"
+    if case == "garbled_index":  # same size: stat cannot tell, the reader's check can
+        damage.garble_index(idx)
+        return [], 16, f"index file {SHARD}.idx is unusable"
+    if case == "not_a_tar":  # same size, random bytes
+        damage.overwrite_random(tar)
+        return [], 16, "not a tar file"
+    if case == "foreign_index":  # the index of another shard
+        damage.swap_index(idx, root / "train-000002.idx")
+        return [], 16, "its index does not match the tar"
+    if case == "bad_jpeg":  # an undecodable JPEG in a sound tar: skipped and named, no shard-level warning
+        return [damage.spoil_jpeg(tar, idx, 4)], 0, ""
+    if case == "first_header":  # a corrupt member header loses nothing: samples are read at the index's offsets
+        damage.corrupt_header(tar, idx, 0)
+        return [], 0, "1 corrupt member headers"
+    raise AssertionError(case)
+
+
+CASES = ["cut_in_data", "cut_in_header", "zero_bytes", "empty_index", "garbled_index", "not_a_tar", "foreign_index",
+         "first_header", "bad_jpeg"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES)
+def test_damaged_shard_is_skipped_counted_and_named(clean, tmp_path, capsys, case, backend):
+    root = damage.copy_corpus(clean, tmp_path / "shards")
+    lost, dropped, says = _damage(case, root)
+    loader = build_train_loader(make_cfg(root, backend), DistInfo())
+    try:
+        batches = [next(loader) for _ in range(loader.batches_per_pass + 2)]  # into the second pass
+        assert all(q.shape == (8, 3, 64, 64) and torch.isfinite(q).all() for q, _ in batches)
+        assert loader.bad_samples == len(lost) + dropped
+        assert loader.bad_sample_locations == lost
+        assert loader.dropped_shards == ({str(root / f"{SHARD}.tar"): 16} if dropped else {})
+    finally:
+        loader.close()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and SHARD in warnings[0] and says in warnings[0], warnings
+
+
+def test_the_survey_shrinks_the_plan_before_it_deals(clean, tmp_path):
+    # Damage visible to stat (size differs from the manifest) changes the plan: 16 + 8 + 16 readable samples.
+    root = damage.copy_corpus(clean, tmp_path / "shards")
+    _damage("cut_in_data", root)
+    loader = build_train_loader(make_cfg(root, "pytorch"), DistInfo())
+    assert [s.samples for s in loader.manifest.shards] == [16, 8, 16] and loader.batches_per_pass == 5
+    loader.close()
+
+
+def test_corrupt_member_header_loses_nothing(clean, tmp_path):
+    # The reported case: a corrupt header of member 3 made the tarfile walk stop there, silently losing 13 of 16.
+    root = damage.copy_corpus(clean, tmp_path / "shards")
+    tar, idx = _files(root)
+    offset = damage.corrupt_header(tar, idx, 3)
+    check = check_shard(tar, idx)
+    assert check.usable and len(check.samples) == 16 and not check.lost  # the two-end probe does not read it
+    full = check_shard(tar, idx, all_headers=True)
+    assert [(h.offset, h.name) for h in full.bad_headers] == [(offset, "000000019.jpg")]
+    records = {str(tar): [(r.key, f[1], f[2], f[3]) for r in check.samples for f in r.files if f[0] == "jpg"]}
+    samples = list(indexed_samples([str(tar)], records))
+    assert len(samples) == 16 and all(s["jpg"] is not None for s in samples)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_is_exact_on_a_damaged_corpus(clean, tmp_path, backend):
+    # Shard 1 cut (found by the survey) and shard 2's index garbled (found when the reader is built).
+    root = damage.copy_corpus(clean, tmp_path / "shards")
+    _damage("cut_in_data", root)
+    damage.garble_index(root / "train-000002.idx")
+    cfg = make_cfg(root, backend)
+    loader = build_train_loader(cfg, DistInfo())
+    assert loader.batches_per_pass == 5
+    for _ in range(3):
+        next(loader)
+    state = loader.state_dict()
+    expected = [next(loader) for _ in range(4)]  # across the pass boundary
+    loader.close()
+    resumed = build_train_loader(cfg, DistInfo())
+    resumed.load_state_dict(state)
+    try:
+        got = [next(resumed) for _ in range(4)]
+        assert resumed.bad_samples == 8 + 16 and resumed.pass_index == 1
+    finally:
+        resumed.close()
+    for (q1, k1), (q2, k2) in zip(expected, got):
+        assert torch.equal(q1, q2) and torch.equal(k1, k2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ranks_yield_the_same_batches_when_a_shard_is_dropped(clean, tmp_path, capsys, backend):
+    # 3 shards over 2 ranks with one of them empty: the plan deals the two readable ones, one per rank.
+    root = damage.copy_corpus(clean, tmp_path / "shards")
+    _damage("zero_bytes", root)
+    cfg = make_cfg(root, backend, batch_size_per_gpu=4)
+    loaders = [build_train_loader(cfg, DistInfo(rank=r, world_size=2)) for r in range(2)]
+    try:
+        assert [loader.batches_per_pass for loader in loaders] == [4, 4]
+        for loader in loaders:
+            for _ in range(2 * loader.batches_per_pass + 1):
+                assert next(loader)[0].shape == (4, 3, 64, 64)
+            assert loader.pass_index == 2
+        assert [loader.bad_samples for loader in loaders] == [16, 0]  # counted once, by rank 0 (train.py sums ranks)
+    finally:
+        for loader in loaders:
+            loader.close()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1  # said once, by rank 0: every rank reaches the same verdict
+
+
+def test_a_corpus_without_a_readable_shard_is_a_one_line_error(clean, tmp_path):
+    root = damage.copy_corpus(clean, tmp_path / "shards")
+    for i in range(3):
+        damage.empty_file(root / f"train-{i:06d}.tar")
+    with pytest.raises(ManifestError, match="none of the 3 shards .* can be read .*shards verify"):
+        build_train_loader(make_cfg(root, "pytorch"), DistInfo())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_verify_names_each_kind_of_damage(clean, tmp_path, case):
+    root = damage.copy_corpus(clean, tmp_path / "shards")
+    lost, _dropped, says = _damage(case, root)
+    report = verify_shards(root, dali=False)
+    assert not report.ok
+    mine = [e for e in report.errors if SHARD in e]
+    assert mine and all(e.startswith(f"{SHARD}.") for e in mine), report.errors
+    text = "\n".join(mine)
+    if lost and case != "bad_jpeg":
+        assert says in text and f"{len(lost)} of 16 samples lost" in text
+        assert f"first at {lost[0].split(':')[-2]}" in text
+    elif case == "first_header":
+        assert "corrupt tar header at offset 0 (000000016.jpg): not a tar header" in text
+    elif case == "bad_jpeg":
+        assert f"{lost[0].rsplit('/', 1)[-1]}: jpg does not decode" in text
+    else:
+        assert says in text
+
+
+def test_verify_cli_exits_1_on_damage(clean, tmp_path):
+    root = damage.copy_corpus(clean, tmp_path / "shards")
+    _damage("cut_in_data", root)
+    proc = subprocess.run([sys.executable, "-m", "shards", "verify", str(root), "--no-dali"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1, proc.stderr
+    assert f"FAIL {SHARD}.tar: truncated at" in proc.stderr and "FAILED" in proc.stdout
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_runs_to_the_end_on_a_damaged_corpus(clean, tmp_path, backend):
+    root = damage.copy_corpus(clean, tmp_path / "shards")
+    lost, _, _ = _damage("cut_in_data", root)
+    damage.empty_file(root / "train-000002.idx")
+    run_dir = tmp_path / "run"
+    args = ["--shards", root, "--run-dir", run_dir, "--total-steps", 3, "--arch", "resnet18", "--crop-size", 32,
+            "--batch-size", 8, "--queue-size", 16, "--num-threads", 1, "--shuffle-buffer", 8, "--log-every", 1,
+            "--checkpoint-every-minutes", 0, "--image-log-every", 0, "--wandb-mode", "disabled", "--device", "cpu",
+            "--backend", backend]
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2 and "train-000001.tar: truncated" in warnings[0] and "train-000002" in warnings[1]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["bad_samples"] == len(lost) + 16
