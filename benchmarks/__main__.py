@@ -80,7 +80,7 @@ class PrepareOptions:
     """Options of ``python -m benchmarks prepare``."""
 
     out: str = option("results", "The shards go to <out>/_data/.", metavar="DIR")
-    images: int = option(0, "Corpus size (0: the full suites' 2048).")
+    images: int = option(0, "Corpus size (0: the full suites' 27,648, 108 batches of 256).")
 
     def __post_init__(self) -> None:
         if self.images < 0:
@@ -180,23 +180,23 @@ def run(args: RunOptions, argv: list[str]) -> int:
     print(f"wrote {len(docs)} suite report(s) to {ctx.out_dir} in {time.perf_counter() - start:.1f} s", flush=True)
     if args.wandb and docs:
         _log_wandb(docs, args.quick, ctx.out_dir)
-    bad = [d["suite"] for d in docs if any(n.startswith("SCHEMA PROBLEMS") for n in d["notes"])]
-    if bad:
-        print(f"error: schema problems in {', '.join(bad)} (see notes in their JSON)", file=sys.stderr)
-    return 1 if failed or bad else 0
+    return 1 if failed else 0
 
 
 def validate(files: list[str]) -> int:
-    from benchmarks.report import validate_report
+    from benchmarks.report import load_report
 
     status = 0
     for path in files:
         try:
-            problems = validate_report(json.loads(Path(path).read_text()))
+            load_report(json.loads(Path(path).read_text()))
+            problem = ""
         except (OSError, json.JSONDecodeError) as exc:
-            problems = [f"cannot read: {exc}"]
-        print(f"{path}: {'ok' if not problems else '; '.join(problems)}")
-        status |= bool(problems)
+            problem = f"cannot read: {exc}"
+        except (ValueError, KeyError, TypeError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        print(f"{path}: {problem or 'ok'}")
+        status |= bool(problem)
     return status
 
 

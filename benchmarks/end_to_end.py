@@ -5,7 +5,7 @@ without checkpoints or logging. After ``warmup`` steps, ``repeats`` windows of `
 step: the wait for the next batch (host blocked in ``next()`` while the device is idle, because the previous step
 was synchronised) and the whole step. Reported per row: pairs/s and the data-wait share (median and min-max over
 the windows), step-time p50/p90/p99 and the GPU utilisation NVML reports (sampled by nvidia-smi, see
-benchmarks/gpu_util.py). Every loader of the pipeline suite feeds the same loop; the tuned PyTorch DataLoader
+benchmarks/profiling.py). Every loader of the pipeline suite feeds the same loop; the tuned PyTorch DataLoader
 (benchmarks/tuned_torch_loader.py) is the baseline.
 
 A step whose batch was the first of a new pass (shards re-dealt, a new reader) is a boundary step. The data-wait
@@ -26,8 +26,8 @@ import torch
 import config as config_lib
 from benchmarks.context import Context
 from benchmarks.data import bench_shards
-from benchmarks.gpu_util import GpuUtilSampler
 from benchmarks.pipeline_throughput import BASELINE, backends, open_loader
+from benchmarks.profiling import GpuUtilSampler
 from benchmarks.report import Column, SuiteResult
 from benchmarks.timing import Stats, StepClock, percentile, synchronize
 from distributed import DistInfo

@@ -1,4 +1,4 @@
-"""What a benchmark ran on: CPU model and cores, GPU name and count, driver, torch/DALI/CUDA versions."""
+"""What a benchmark ran on: CPU model and cores, GPU name and count, driver, torch/DALI/CUDA versions, git commit."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import os
 import platform
 import socket
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def cpu_model() -> str:
@@ -83,3 +86,23 @@ def device_label(info: dict[str, Any]) -> str:
     if info.get("gpu_count"):
         return f"{info['gpu_count']}x {info['gpu_name']}"
     return f"CPU: {info['cpu_model']} ({info['cpu_cores']} cores)"
+
+
+def git_provenance() -> dict[str, Any]:
+    """The commit measured and whether the tree had uncommitted changes.
+
+    ``BENCH_GIT_COMMIT`` (``<sha>`` or ``<sha>-dirty``) wins: a copy of the code without ``.git``, such as the one
+    ``scripts/gpu_measure.sh`` carries to a GPU machine, is told its commit that way.
+    """
+    given = os.environ.get("BENCH_GIT_COMMIT", "")
+    if given:
+        return {"commit": given.removesuffix("-dirty"), "dirty": given.endswith("-dirty")}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    if commit.returncode != 0:
+        return {"commit": None, "dirty": None}
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}

@@ -1,13 +1,15 @@
-"""The result of one suite, its JSON form (documented schema and a validator), table, Markdown and PNG plot.
+"""The result of one suite (typed rows that check their figures), its JSON form, table, Markdown and PNG plot.
 
-JSON schema (``schema: "moco-dali-bench/1"``), one file per suite, ``<out>/<suite>.json``::
+JSON (``schema: "moco-dali-bench/2"``), one file per suite, ``<out>/<suite>.json``::
 
     {
-      "schema": "moco-dali-bench/1",
+      "schema": "moco-dali-bench/2",
       "suite": "model",                        # pipeline | model | e2e | shards | scaling
       "created_utc": "2026-01-01T12:00:00Z",
+      "git": {"commit": "898a08c...", "dirty": false},   # the code measured (null where unknown)
       "quick": false,
       "argv": ["run", "--suite", "model", ...],
+      "repeats": 5,                            # timed repeats (windows) behind the headline figure's Stats
       "wall_s": 123.4,                         # the suite's own run time
       "machine": {...},                        # benchmarks.machine.machine_info()
       "config": {...},                         # the suite's settings (sizes, repeats, ...)
@@ -27,9 +29,11 @@ JSON schema (``schema: "moco-dali-bench/1"``), one file per suite, ``<out>/<suit
       "notes": ["..."]
     }
 
-Every number in ``metrics``, ``comparisons`` and ``extra`` is finite and > 0, except: names ending in ``_share``
-are fractions in [0, 1] (a loader that never makes the step wait has a data-wait share of exactly 0), and names
-ending in ``_signed`` are differences (step time minus a reference, which noise can make negative: finite only).
+Every metric is checked when a suite adds it (:meth:`SuiteResult.add` raises ``ValueError``): finite and > 0,
+except names ending in ``_share`` (fractions in [0, 1]: a loader that never makes the step wait has a data-wait
+share of exactly 0) and ``_signed`` (differences, such as a step minus a reference, which can be negative).
+``Stats`` keep min <= median <= max. ``python -m benchmarks validate FILE`` reads a file back through the same
+checks (:func:`load_report`).
 """
 
 from __future__ import annotations
@@ -43,15 +47,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.machine import git_provenance
 from benchmarks.timing import Stats
 
-SCHEMA = "moco-dali-bench/1"
+SCHEMA = "moco-dali-bench/2"
 SUITES = ("shards", "model", "pipeline", "e2e", "scaling")
-TOP_KEYS = {"schema": str, "suite": str, "created_utc": str, "quick": bool, "argv": list, "wall_s": (int, float),
-            "machine": dict, "config": dict, "rows": list, "comparisons": list, "extra": dict, "skipped": list,
-            "notes": list}
 
 Metric = Stats | float | int | None
+
+
+def check_metric(name: str, value: Metric) -> None:
+    """Raise ``ValueError`` unless ``value`` obeys the rule its ``name`` implies (see the module docstring)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (Stats, int, float)):
+        raise ValueError(f"metric {name}: must be a number, Stats or None; got {value!r}")
+    for x in (value.median, value.min, value.max) if isinstance(value, Stats) else (value,):
+        if not math.isfinite(x):
+            raise ValueError(f"metric {name} is not finite: {x}")
+        if name.endswith("_share") and not 0 <= x <= 1:
+            raise ValueError(f"metric {name} is a share outside [0, 1]: {x}")
+        if not name.endswith(("_share", "_signed")) and x <= 0:
+            raise ValueError(f"metric {name} is not positive: {x}")
 
 
 @dataclass
@@ -94,7 +111,17 @@ class SuiteResult:
     wall_s: float = 0.0
     markdown_extra: str = ""  # suite-specific Markdown appended under the table (from figures in ``extra``)
 
+    @property
+    def repeats(self) -> int:
+        """Timed repeats (or windows) behind the headline figure: the most any row's ``plot_metric`` Stats has."""
+        return max((m.n for r in self.rows if isinstance(m := r.metrics.get(self.plot_metric), Stats)), default=0)
+
     def add(self, name: str, group: str, params: dict[str, Any], **metrics: Metric) -> Row:
+        """Add a measured row; raises ``ValueError`` for a repeated name or a figure that breaks its rule."""
+        if any(r.name == name for r in self.rows):
+            raise ValueError(f"duplicate row name {name!r}")
+        for metric, value in metrics.items():
+            check_metric(metric, value)
         row = Row(name, group, dict(params), dict(metrics))
         self.rows.append(row)
         return row
@@ -111,6 +138,7 @@ class SuiteResult:
         if not a or not b:
             return None
         ratio = b / a if lower_is_better else a / b
+        check_metric("ratio", ratio)
         self.comparisons.append({"name": name, "metric": metric, "ours": ours, "baseline": baseline, "ratio": ratio})
         return ratio
 
@@ -134,8 +162,10 @@ def report_json(result: SuiteResult, machine: dict[str, Any], argv: list[str], q
         "schema": SCHEMA,
         "suite": result.suite,
         "created_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "git": git_provenance(),
         "quick": quick,
         "argv": list(argv),
+        "repeats": result.repeats,
         "wall_s": result.wall_s,
         "machine": machine,
         "config": _jsonable(result.config),
@@ -148,107 +178,31 @@ def report_json(result: SuiteResult, machine: dict[str, Any], argv: list[str], q
     }
 
 
-# ----------------------------------------------------------------------------- validation
+def load_report(doc: dict[str, Any]) -> SuiteResult:
+    """Read a suite's JSON document back into a :class:`SuiteResult`, through the checks that wrote it.
 
-
-def _numbers(value: Any, path: str):
-    """Yield (path, number) for every int/float (not bool) nested in ``value``."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return
-    if isinstance(value, (int, float)):
-        yield path, value
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield from _numbers(v, f"{path}.{k}")
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from _numbers(v, f"{path}[{i}]")
-
-
-def _check_number(path: str, x: float) -> str | None:
-    """The rule for one number, chosen by the suffix of its name (the last component of ``path``)."""
-    name = path.split(".")[-1]
-    if name in ("median", "min", "max"):
-        name = path.split(".")[-2]
-    if not math.isfinite(x):
-        return f"{path} is not finite: {x}"
-    if name.endswith("_signed"):
-        return None
-    if name.endswith("_share"):
-        return None if 0 <= x <= 1 else f"{path} is a share outside [0, 1]: {x}"
-    if x <= 0:
-        return f"{path} is not positive: {x}"
-    return None
-
-
-def validate_report(doc: dict[str, Any]) -> list[str]:
-    """Check a suite JSON document against the schema; returns the list of problems (empty when valid)."""
-    errors: list[str] = []
-    for key, tp in TOP_KEYS.items():
-        if key not in doc:
-            errors.append(f"missing key {key!r}")
-        elif not isinstance(doc[key], tp) or (tp is not bool and isinstance(doc[key], bool)):
-            errors.append(f"{key!r} has type {type(doc[key]).__name__}")
-    if errors:
-        return errors
-    if doc["schema"] != SCHEMA:
-        errors.append(f"schema is {doc['schema']!r}, expected {SCHEMA!r}")
+    Raises:
+        ValueError (or KeyError / TypeError for a missing or mistyped field): the first problem found.
+    """
+    if doc.get("schema") != SCHEMA:
+        raise ValueError(f"schema is {doc.get('schema')!r}, expected {SCHEMA!r}")
     if doc["suite"] not in SUITES:
-        errors.append(f"unknown suite {doc['suite']!r}")
-    for key in ("cpu_model", "cpu_cores", "gpu_count", "torch"):
-        if key not in doc["machine"]:
-            errors.append(f"machine lacks {key!r}")
-    if not doc["rows"] and not doc["skipped"]:
-        errors.append("no rows and nothing skipped: the suite measured nothing")
-    names = set()
-    for i, row in enumerate(doc["rows"]):
-        where = f"rows[{i}]"
-        if not isinstance(row.get("name"), str) or not isinstance(row.get("params"), dict) \
-                or not isinstance(row.get("metrics"), dict) or not isinstance(row.get("group"), str):
-            errors.append(f"{where} needs name/group (str), params and metrics (dict)")
-            continue
-        if row["name"] in names:
-            errors.append(f"{where}: duplicate row name {row['name']!r}")
-        names.add(row["name"])
-        if not row["metrics"]:
-            errors.append(f"{where} ({row['name']}) has no metrics")
-        for metric, value in row["metrics"].items():
-            mpath = f"{where}.metrics.{metric}"
-            if value is None:
-                continue
-            if isinstance(value, dict):
-                if set(value) != {"median", "min", "max", "n"}:
-                    errors.append(f"{mpath}: stats need exactly median/min/max/n, got {sorted(value)}")
-                    continue
-                if not value["min"] <= value["median"] <= value["max"]:
-                    errors.append(f"{mpath}: min <= median <= max violated: {value}")
-                if not isinstance(value["n"], int) or value["n"] < 1:
-                    errors.append(f"{mpath}: n must be a positive int")
-                for part in ("median", "min", "max"):
-                    problem = _check_number(f"{mpath}.{part}", value[part])
-                    if problem:
-                        errors.append(problem)
-            elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                problem = _check_number(mpath, value)
-                if problem:
-                    errors.append(problem)
-            else:
-                errors.append(f"{mpath}: must be a number, a stats object or null; got {value!r}")
-    for i, comp in enumerate(doc["comparisons"]):
-        for key in ("name", "metric", "ours", "baseline", "ratio"):
-            if key not in comp:
-                errors.append(f"comparisons[{i}] lacks {key!r}")
-        for ref in ("ours", "baseline"):
-            if comp.get(ref) not in names:
-                errors.append(f"comparisons[{i}].{ref} names no row: {comp.get(ref)!r}")
-    for path, x in [*_numbers(doc["comparisons"], "comparisons"), *_numbers(doc["extra"], "extra")]:
-        problem = _check_number(path, x)
-        if problem:
-            errors.append(problem)
-    for i, item in enumerate(doc["skipped"]):
-        if not isinstance(item, dict) or not item.get("name") or not item.get("reason"):
-            errors.append(f"skipped[{i}] needs a name and a reason")
-    return errors
+        raise ValueError(f"unknown suite {doc['suite']!r}")
+    result = SuiteResult(doc["suite"], doc["config"], [], "", extra=doc["extra"], notes=list(doc["notes"]),
+                         wall_s=float(doc["wall_s"]))
+    for row in doc["rows"]:
+        metrics = {k: Stats(**v) if isinstance(v, dict) else v for k, v in row["metrics"].items()}
+        result.add(row["name"], row["group"], row["params"], **metrics)
+    for comp in doc["comparisons"]:
+        for ref in (comp["ours"], comp["baseline"]):
+            result.row(ref)  # raises KeyError when it names no row
+        check_metric("ratio", comp["ratio"])
+        result.comparisons.append(comp)
+    for item in doc["skipped"]:
+        result.skip(item["name"], item["reason"])
+    if not result.rows and not result.skipped:
+        raise ValueError("no rows and nothing skipped: the suite measured nothing")
+    return result
 
 
 # ----------------------------------------------------------------------------- table, Markdown, plot
@@ -363,10 +317,6 @@ def write_report(result: SuiteResult, out_dir: str | os.PathLike, machine: dict[
     doc = report_json(result, machine, argv, quick)
     if result.rows and importlib.util.find_spec("matplotlib") is None:
         doc["notes"].append("no PNG: matplotlib is not installed")
-    problems = validate_report(doc)
-    if problems:
-        # Still write the file so the numbers can be inspected, but make the problem loud.
-        doc["notes"].append("SCHEMA PROBLEMS: " + "; ".join(problems))
     tmp = out / f".{result.suite}.json.tmp"
     tmp.write_text(json.dumps(doc, indent=1))
     os.replace(tmp, out / f"{result.suite}.json")

@@ -37,6 +37,10 @@ class Stats:
     max: float
     n: int
 
+    def __post_init__(self) -> None:
+        if not (self.min <= self.median <= self.max and isinstance(self.n, int) and self.n >= 1):
+            raise ValueError(f"Stats need min <= median <= max (all numbers) and n >= 1; got {self}")
+
     @classmethod
     def of(cls, values: Sequence[float]) -> Stats:
         if not values:

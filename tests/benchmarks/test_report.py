@@ -1,18 +1,21 @@
-"""The JSON schema validator, the statistics and the timing helpers, against plain references."""
+"""The typed results (their checks, the JSON round trip), the statistics and the timing helpers, against plain
+references."""
 
 from __future__ import annotations
 
-import copy
-import math
+import json
+import re
 
 import numpy as np
 import pytest
 
-from benchmarks.report import SCHEMA, Column, SuiteResult, markdown_table, report_json, validate_report
+from benchmarks.report import SCHEMA, Column, SuiteResult, load_report, markdown_table, report_json
 from benchmarks.timing import Stats, measure, measure_interleaved, percentile
 
+MACHINE = {"cpu_model": "x", "cpu_cores": 2, "gpu_count": 0, "torch": "2"}
 
-def _doc() -> dict:
+
+def _result() -> SuiteResult:
     result = SuiteResult("model", config={"batch": 8}, columns=[Column("pairs_per_s", "pairs/s")],
                          plot_metric="pairs_per_s")
     result.add("ours", "precision", {"p": "fp32"}, pairs_per_s=Stats.of([10.0, 11.0, 12.0]), mfu=None,
@@ -20,41 +23,70 @@ def _doc() -> dict:
     result.add("baseline", "baseline", {}, pairs_per_s=Stats.of([5.0, 6.0]))
     result.compare("ours vs baseline", "ours", "baseline", "pairs_per_s")
     result.skip("compile", "no GPU")
-    return report_json(result, {"cpu_model": "x", "cpu_cores": 2, "gpu_count": 0, "torch": "2"}, ["run"], True)
+    return result
 
 
-def test_valid_document_passes_and_ratio_is_ours_over_baseline():
-    doc = _doc()
-    assert validate_report(doc) == []
-    assert doc["schema"] == SCHEMA
+def test_json_round_trip_with_provenance_and_repeats(monkeypatch):
+    monkeypatch.setenv("BENCH_GIT_COMMIT", "abc123-dirty")
+    doc = json.loads(json.dumps(report_json(_result(), MACHINE, ["run"], True)))
+    assert doc["schema"] == SCHEMA and doc["git"] == {"commit": "abc123", "dirty": True}
+    assert doc["repeats"] == 3  # the headline metric's most repeats
     assert doc["comparisons"][0]["ratio"] == pytest.approx(11.0 / 5.5)
+    back = load_report(doc)
+    assert back.row("ours").metrics["pairs_per_s"] == Stats(11.0, 10.0, 12.0, 3)
+    assert back.skipped == [{"name": "compile", "reason": "no GPU"}]
 
 
-@pytest.mark.parametrize("mutate, fragment", [
-    (lambda d: d.pop("machine"), "missing key 'machine'"),
-    (lambda d: d["rows"][0]["metrics"].update(pairs_per_s={"median": -1.0, "min": -2.0, "max": 0.0, "n": 3}),
-     "not positive"),
-    (lambda d: d["rows"][0]["metrics"].update(x=float("nan")), "not finite"),
-    (lambda d: d["rows"][0]["metrics"].update(x=float("inf")), "not finite"),
-    (lambda d: d["rows"][0]["metrics"].update(x=0), "not positive"),
-    (lambda d: d["rows"][0]["metrics"].update(data_wait_share=1.5), "outside [0, 1]"),
-    (lambda d: d["rows"][0]["metrics"].update(overhead_ms_signed=float("nan")), "not finite"),
-    (lambda d: d["rows"][0]["metrics"].update(pairs_per_s={"median": 5.0, "min": 6.0, "max": 7.0, "n": 3}),
-     "min <= median <= max"),
-    (lambda d: d["rows"][0]["metrics"].update(x="fast"), "must be a number"),
-    (lambda d: d["rows"].append(copy.deepcopy(d["rows"][0])), "duplicate row name"),
-    (lambda d: d["comparisons"][0].update(baseline="nope"), "names no row"),
-    (lambda d: d["comparisons"][0].update(ratio=-1.0), "not positive"),
-    (lambda d: d["extra"].update(bytes={"W=2": float("nan")}), "not finite"),
-    (lambda d: d["skipped"].append({"name": "x"}), "needs a name and a reason"),
-    (lambda d: d.update(suite="nope"), "unknown suite"),
-    (lambda d: d.update(rows=[], skipped=[]), "measured nothing"),
+def test_provenance_of_this_checkout(monkeypatch):
+    from benchmarks.machine import git_provenance
+
+    monkeypatch.delenv("BENCH_GIT_COMMIT", raising=False)
+    prov = git_provenance()
+    assert prov["commit"] is None or (len(prov["commit"]) == 40 and isinstance(prov["dirty"], bool))
+
+
+@pytest.mark.parametrize("metrics, fragment", [
+    ({"pairs_per_s": -1.0}, "not positive"),
+    ({"x": 0}, "not positive"),
+    ({"x": float("nan")}, "not finite"),
+    ({"x": float("inf")}, "not finite"),
+    ({"data_wait_share": 1.5}, "outside [0, 1]"),
+    ({"overhead_ms_signed": float("nan")}, "not finite"),
+    ({"x": "fast"}, "must be a number"),
+    ({"x": True}, "must be a number"),
+    ({"pairs_per_s": Stats(-1.0, -2.0, 0.0, 3)}, "not positive"),
 ])
-def test_invalid_documents_are_rejected(mutate, fragment):
-    doc = _doc()
+def test_bad_figures_are_refused_when_added(metrics, fragment):
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        _result().add("new", "g", {}, **metrics)
+
+
+@pytest.mark.parametrize("mutate, error", [
+    (lambda d: d.pop("machine") and d.pop("config"), KeyError),
+    (lambda d: d.update(schema="moco-dali-bench/1"), ValueError),
+    (lambda d: d.update(suite="nope"), ValueError),
+    (lambda d: d["rows"][0]["metrics"].update(pairs_per_s={"median": 5.0, "min": 6.0, "max": 7.0, "n": 3}),
+     ValueError),
+    (lambda d: d["rows"][0]["metrics"].update(x=0), ValueError),
+    (lambda d: d["rows"].append(dict(d["rows"][0])), ValueError),  # duplicate name
+    (lambda d: d["comparisons"][0].update(baseline="nope"), KeyError),
+    (lambda d: d["comparisons"][0].update(ratio=-1.0), ValueError),
+    (lambda d: d["skipped"].append({"name": "x"}), KeyError),
+    (lambda d: d.update(rows=[], skipped=[], comparisons=[]), ValueError),  # measured nothing
+])
+def test_broken_documents_are_refused_when_read(mutate, error):
+    doc = json.loads(json.dumps(report_json(_result(), MACHINE, ["run"], True)))
     mutate(doc)
-    problems = validate_report(doc)
-    assert any(fragment in p for p in problems), problems
+    with pytest.raises(error):
+        load_report(doc)
+
+
+def test_stats_keep_their_order():
+    with pytest.raises(ValueError):
+        Stats(5.0, 6.0, 7.0, 3)
+    with pytest.raises(ValueError):
+        Stats(float("nan"), 1.0, 2.0, 1)
+    assert Stats.of([3.0, 1.0, 2.0]).scaled(-1) == Stats(-2.0, -3.0, -1.0, 3)
 
 
 def test_stats_and_percentiles_match_numpy():
@@ -90,4 +122,3 @@ def test_markdown_table_shows_medians_ranges_and_na():
     result.add("loop", "x", {}, pairs_per_s=Stats.of([1.0, 2.0, 3.0]), gpu=None)
     md = markdown_table(result)
     assert "| loop | 2.0 (1.0–3.0) | N/A |" in md
-    assert math.isfinite(float("2.0"))
