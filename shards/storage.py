@@ -1,0 +1,333 @@
+"""URL-aware file access: local paths as before, object storage (``s3://``, ``gs://``) through fsspec.
+
+Shards, index files, stats and manifests may live in an S3-compatible store (AWS S3, MinIO, Ceph, R2) or in
+Google Cloud Storage. Every function here takes a local path or a URL and does the same thing for both, so the
+callers keep one code path:
+
+* credentials and endpoint come from the standard places that boto3, s3fs and DALI's own S3 client all read:
+  ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (or ``AWS_PROFILE`` and ``~/.aws``), ``AWS_REGION`` and, for
+  an S3-compatible store, ``AWS_ENDPOINT_URL`` (e.g. ``http://minio:9000``). DALI's client reads the endpoint
+  from the environment once per process, so an environment variable is the one setting that reaches every
+  reader; ``set_s3_endpoint`` sets it from a command-line option.
+* an object appears under its final name only complete: ``put_file`` uploads a finished local file (a single
+  PUT, or a multipart upload that S3 publishes only when it completes), so a killed upload leaves no torn
+  object, and locally ``put_file`` writes a temporary name then renames.
+* what cannot work is a one-line :class:`StorageError` naming the URL: an unsupported or malformed URL (``s3:/b``
+  as a ``Path`` join makes it, which must never become a local folder named ``s3:``), a missing bucket, refused
+  credentials, an unreachable endpoint. A missing object is a ``FileNotFoundError`` naming it.
+* ``local_copy`` downloads a small object (an index file) once per process into a temporary folder removed at
+  exit: DALI's webdataset reader opens ``s3://`` tars itself but parses its index files with a local
+  ``std::ifstream`` only.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+# Object stores and the fsspec package that reaches each (not a dependency until a URL of its kind is used).
+SCHEMES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://(.*)$")
+_ALMOST_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)")  # "s3:/bucket": a URL that went through Path()
+READAHEAD = 8 << 20  # bytes fetched ahead when a remote file is read front to back (a shard's samples in order)
+
+
+class StorageError(ValueError):
+    """Object storage that cannot be used (bad URL, missing bucket, refused credentials, no connection)."""
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """True for ``scheme://...`` (any scheme; ``check_url`` says whether it is supported)."""
+    return isinstance(path, str) and _URL.match(path) is not None
+
+
+def check_url(path: str | os.PathLike) -> None:
+    """Raise StorageError for an unsupported scheme or a URL mangled into ``scheme:/...``; local paths pass."""
+    text = os.fspath(path)
+    match = _URL.match(text)
+    if match is None:
+        if _ALMOST_URL.match(text):
+            raise StorageError(f"malformed URL {text!r}: object storage URLs look like s3://bucket/prefix")
+        return
+    scheme, rest = match.group(1).lower(), match.group(2)
+    if scheme in ("http", "https"):
+        raise StorageError(f"unsupported URL {text}: http(s) is not object storage; use s3://bucket/prefix (with "
+                           "AWS_ENDPOINT_URL for an S3-compatible server) or gs://bucket/prefix")
+    if scheme not in SCHEMES and scheme != "file":
+        raise StorageError(f"unsupported URL scheme {scheme}:// in {text}; use a local path, s3:// or gs://")
+    if scheme != "file" and not rest.split("/", 1)[0]:
+        raise StorageError(f"malformed URL {text!r}: no bucket name")
+
+
+def set_s3_endpoint(endpoint: str) -> None:
+    """Point every S3 client of this process (s3fs, boto3, DALI) at ``endpoint``, e.g. ``http://minio:9000``."""
+    if not re.match(r"^https?://[^/]+", endpoint):
+        raise StorageError(f"--s3-endpoint must look like http(s)://host[:port], got {endpoint!r}")
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+
+
+def join(root: str | os.PathLike, *names: str) -> str | Path:
+    """``root/name/...``: a URL string for a URL root (``Path`` would fold ``s3://`` to ``s3:/``), else a Path."""
+    if is_url(root):
+        return "/".join([root.rstrip("/"), *(n.strip("/") for n in names)])
+    return Path(root).joinpath(*names)
+
+
+def parent(path: str | os.PathLike) -> str | Path:
+    """The folder holding ``path`` (a URL string for a URL)."""
+    if is_url(path):
+        return path.rstrip("/").rsplit("/", 1)[0]
+    return Path(path).parent
+
+
+def name(path: str | os.PathLike) -> str:
+    """The last component of ``path``."""
+    return os.fspath(path).rstrip("/").rsplit("/", 1)[-1]
+
+
+# ---------------------------------------------------------------------------------------------- filesystems
+def filesystem(url: str) -> tuple[Any, str]:
+    """The fsspec filesystem of ``url`` and the path within it (bucket/key); cached per process by fsspec."""
+    check_url(url)
+    scheme = _URL.match(url).group(1).lower()
+    try:
+        from fsspec.core import url_to_fs
+    except ImportError:
+        raise StorageError(f"{url}: object storage needs fsspec (pip install fsspec)") from None
+    try:
+        return url_to_fs(url)
+    except ImportError:
+        package = SCHEMES.get(scheme, "fsspec")
+        raise StorageError(f"{url}: {scheme}:// needs the {package} package (pip install {package})") from None
+
+
+@contextlib.contextmanager
+def _errors(url: str) -> Iterator[None]:
+    """Turn a store's failure into a one-line StorageError (or FileNotFoundError for a missing object)."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except FileNotFoundError as exc:
+        text = str(exc)
+        if "bucket does not exist" in text or "NoSuchBucket" in text:
+            raise StorageError(f"{url}: no such bucket ({_bucket(url)})") from None
+        raise FileNotFoundError(f"no such object: {url}") from None
+    except PermissionError as exc:
+        raise StorageError(f"{url}: access denied ({_first_line(exc)}); check the credentials "
+                           "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE)") from None
+    except Exception as exc:  # noqa: BLE001 - botocore / aiohttp / gcsfs each raise their own connection errors
+        if type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs",
+                                                   "google", "requests", "urllib3"):
+            endpoint = os.environ.get("AWS_ENDPOINT_URL", "")
+            where = f" (AWS_ENDPOINT_URL={endpoint})" if endpoint else ""
+            raise StorageError(f"{url}: {type(exc).__name__}: {_first_line(exc)}{where}") from None
+        if isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError, PermissionError)):
+            raise StorageError(f"{url}: {_first_line(exc)}") from None
+        raise
+
+
+def _bucket(url: str) -> str:
+    return _URL.match(url).group(2).split("/", 1)[0]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def exists(path: str | os.PathLike) -> bool:
+    """True when ``path`` is an existing file (object); a missing bucket or refused credentials raise."""
+    if not is_url(path):
+        check_url(path)
+        return Path(path).is_file()
+    fs, key = filesystem(path)
+    with _errors(path):
+        try:
+            return fs.info(key).get("type") == "file"
+        except FileNotFoundError as exc:
+            if "bucket does not exist" in str(exc) or "NoSuchBucket" in str(exc):
+                raise
+            return False
+
+
+def size(path: str | os.PathLike) -> int:
+    """Bytes of the file at ``path`` (FileNotFoundError when there is none)."""
+    if not is_url(path):
+        return os.stat(path).st_size
+    fs, key = filesystem(path)
+    with _errors(path):
+        return int(fs.size(key))
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    if not is_url(path):
+        return Path(path).read_bytes()
+    fs, key = filesystem(path)
+    with _errors(path):
+        return fs.cat_file(key)
+
+
+def read_text(path: str | os.PathLike) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+class _RemoteFile:
+    """A remote file opened for reading; store failures on read/seek become StorageError / FileNotFoundError."""
+
+    def __init__(self, url: str, handle: IO[bytes]):
+        self.url, self._handle = url, handle
+
+    def read(self, n: int = -1) -> bytes:
+        with _errors(self.url):
+            return self._handle.read(n)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._handle.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._handle.tell()
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> _RemoteFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_file(path: str | os.PathLike, readahead: int = 0) -> IO[bytes] | _RemoteFile:
+    """Open ``path`` for binary reading (seek + read).
+
+    Args:
+        path: local path or URL.
+        readahead: for a URL, bytes fetched ahead of each read (``READAHEAD`` when reading a shard front to
+            back); 0 fetches exactly what is read (a few header probes).
+    """
+    if not is_url(path):
+        check_url(path)
+        return open(path, "rb")
+    fs, key = filesystem(path)
+    cache = {"cache_type": "readahead", "block_size": readahead} if readahead else {"cache_type": "none"}
+    with _errors(path):
+        return _RemoteFile(path, fs.open(key, "rb", **cache))
+
+
+def list_files(prefix: str | os.PathLike) -> list[tuple[str | Path, int]]:
+    """Every file under the folder or prefix ``prefix`` (recursively), sorted, with its size in bytes.
+
+    One listing request per 1,000 objects; it also fills fsspec's listing cache, so ``size`` and ``exists`` of
+    the files found cost no further request.
+    """
+    if not is_url(prefix):
+        root = Path(prefix)
+        return sorted((p, p.stat().st_size) for p in root.rglob("*") if p.is_file())
+    fs, key = filesystem(prefix)
+    scheme = prefix.split("://", 1)[0]
+    with _errors(prefix):
+        found = fs.find(key.rstrip("/"), detail=True)
+    return sorted((f"{scheme}://{k}", int(info.get("size") or 0)) for k, info in found.items()
+                  if info.get("type") == "file")
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def check_writable(url: str) -> str:
+    """'' when objects can be written under ``url`` (its bucket exists and accepts a small object), else why."""
+    fs, key = filesystem(url)
+    probe = f"{key.rstrip('/')}/.write-probe-{os.getpid()}"
+    try:
+        with _errors(url):
+            fs.pipe_file(probe, b"")
+            fs.rm_file(probe)
+    except (StorageError, OSError) as exc:
+        return str(exc)
+    return ""
+
+
+def put_file(local: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Publish the finished file ``local`` at ``path``; readers see the old file (or none) or all of it."""
+    if not is_url(path):
+        check_url(path)
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.put-{os.getpid()}")
+        shutil.copyfile(local, tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        return
+    fs, key = filesystem(path)
+    with _errors(path):
+        fs.put_file(os.fspath(local), key)  # one PUT, or a multipart upload published only once complete
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole (atomically: a temporary file and rename locally, one PUT remotely)."""
+    if not is_url(path):
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        return
+    fs, key = filesystem(path)
+    with _errors(path):
+        fs.pipe_file(key, data)
+
+
+def remove(path: str | os.PathLike) -> None:
+    """Delete the file at ``path`` if there is one."""
+    if not is_url(path):
+        Path(path).unlink(missing_ok=True)
+        return
+    fs, key = filesystem(path)
+    with _errors(path):
+        try:
+            fs.rm_file(key)
+        except FileNotFoundError:
+            pass
+
+
+# ---------------------------------------------------------------------------------------------- local copies
+_cache_lock = threading.Lock()
+_cache: dict[str, Path] = {}
+_cache_dir: list[Path] = []  # [folder] once made, with the id of the process that removes it at exit
+
+
+def local_copy(path: str | os.PathLike) -> Path:
+    """A local file with the content of ``path``: the path itself when local, else a copy made once per process.
+
+    The copies live in a temporary folder that the process that made it removes at exit (forked DataLoader
+    workers see the parent's copies and leave them alone).
+    """
+    if not is_url(path):
+        return Path(path)
+    with _cache_lock:
+        found = _cache.get(path)
+        if found is not None and found.is_file():
+            return found
+        if not _cache_dir:
+            folder = Path(tempfile.mkdtemp(prefix="moco-remote-copies-"))
+            _cache_dir.append(folder)
+            owner = os.getpid()
+            atexit.register(lambda: os.getpid() == owner and shutil.rmtree(folder, ignore_errors=True))
+        digest = hashlib.blake2b(path.encode(), digest_size=8).hexdigest()
+        out = _cache_dir[0] / f"{digest}-{name(path)}"
+        tmp = out.with_name(f".{out.name}.part-{os.getpid()}-{threading.get_ident()}")
+        tmp.write_bytes(read_bytes(path))
+        os.replace(tmp, out)
+        _cache[path] = out
+        return out
