@@ -33,10 +33,6 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def node_rank(self) -> int:
-        return self.rank // max(self.local_world_size, 1)
-
 
 @dataclass(frozen=True)
 class LaunchEnv:
@@ -180,10 +176,6 @@ def rank() -> int:
 
 def world_size() -> int:
     return torch_dist.get_world_size() if is_initialized() else 1
-
-
-def is_main() -> bool:
-    return rank() == 0
 
 
 def barrier() -> None:

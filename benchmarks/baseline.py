@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import distributed as dist
+import distributed
 from model.encoder import build_encoder
 from model.loss import contrastive_accuracy
 from model.moco import MoCoOutput, QueryForward
@@ -52,7 +52,7 @@ class BaselineMoCo(nn.Module):
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
-        keys = dist.all_gather(keys)  # the second gather of the same keys
+        keys = distributed.all_gather(keys)  # the second gather of the same keys
         batch = keys.shape[0]
         ptr = int(self.queue_ptr)  # host read: waits for the whole step so far
         assert self.K % batch == 0  # the original's restriction
@@ -62,17 +62,17 @@ class BaselineMoCo(nn.Module):
     @torch.no_grad()
     def _batch_shuffle(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch = x.shape[0]
-        x_gather = dist.all_gather(x)
-        idx_shuffle = dist.broadcast(torch.randperm(x_gather.shape[0], device=x.device), src=0)
+        x_gather = distributed.all_gather(x)
+        idx_shuffle = distributed.broadcast(torch.randperm(x_gather.shape[0], device=x.device), src=0)
         idx_unshuffle = torch.argsort(idx_shuffle)
-        r = dist.rank()
+        r = distributed.rank()
         return x_gather[idx_shuffle.view(-1, batch)[r]], idx_unshuffle
 
     @torch.no_grad()
     def _batch_unshuffle(self, x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
-        x_gather = dist.all_gather(x)
-        return x_gather[idx_unshuffle.view(-1, batch)[dist.rank()]]
+        x_gather = distributed.all_gather(x)
+        return x_gather[idx_unshuffle.view(-1, batch)[distributed.rank()]]
 
     def forward(self, view_q: torch.Tensor, view_k: torch.Tensor, momentum: float | None = None,
                 perm=None) -> MoCoOutput:

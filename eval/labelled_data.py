@@ -16,17 +16,18 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision import transforms
 
+from pipeline.recipes import IMAGENET_MEAN, IMAGENET_STD
 from shards.manifest import MANIFEST_NAME, ManifestError, read_manifest
+from shards.sources import IMAGE_SUFFIXES
 from shards.writer import read_index
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+if TYPE_CHECKING:
+    from torchvision import transforms
 
 
 class LabelledSetError(ValueError):
@@ -99,7 +100,7 @@ def scan_image_folder(root: str | os.PathLike) -> tuple[list[LabelledSample], li
         LabelledSample(str(f), label)
         for label, name in enumerate(classes)
         for f in sorted((root / name).rglob("*"))
-        if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
+        if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
     ]
     return samples, classes
 
@@ -162,6 +163,8 @@ def collate_skip_bad(batch: list[tuple[torch.Tensor | None, int]]) -> tuple[torc
 
 def eval_transform(crop_size: int, resize_size: int | None = None) -> transforms.Compose:
     """Resize the short side then center-crop (256 -> 224 in the papers; ``resize = crop / 0.875`` by default)."""
+    from torchvision import transforms  # here: importing torchvision costs seconds that --help should not wait
+
     resize_size = resize_size or round(crop_size / 0.875)
     return transforms.Compose([
         transforms.Resize(resize_size), transforms.CenterCrop(crop_size), transforms.ToTensor(),
@@ -171,6 +174,8 @@ def eval_transform(crop_size: int, resize_size: int | None = None) -> transforms
 
 def train_transform(crop_size: int) -> transforms.Compose:
     """RandomResizedCrop + horizontal flip, the linear-evaluation training augmentation of MoCo."""
+    from torchvision import transforms
+
     return transforms.Compose([
         transforms.RandomResizedCrop(crop_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import distributed as dist
+import distributed
 from model.batchnorm import convert_split_bn, convert_sync_bn
 from model.encoder import Encoder, build_encoder
 from model.loss import contrastive_accuracy, info_nce_logits, info_nce_loss
@@ -74,7 +74,7 @@ class MoCo(nn.Module):
                  encoder: nn.Module | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.shuffle_bn = resolve_strategy(cfg.shuffle_bn, dist.world_size())
+        self.shuffle_bn = resolve_strategy(cfg.shuffle_bn, distributed.world_size())
         self.temperature = cfg.temperature
         self.symmetric = cfg.symmetric
 
@@ -117,7 +117,7 @@ class MoCo(nn.Module):
         """
         with torch.no_grad():
             for t in [*self.encoder_k.parameters(), *self.encoder_k.buffers(), *self.queue.buffers()]:
-                dist.broadcast(t, src=0)
+                distributed.broadcast(t, src=0)
         wrapped = wrapper(QueryForward(self.encoder_q))
         object.__setattr__(self, "_query_fn", torch.compile(wrapped) if self.cfg.compile else wrapped)
 

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-import distributed as dist
+import distributed
 
 STRATEGIES = ("gather", "all_to_all", "split", "sync", "none")
 
@@ -119,7 +119,7 @@ class ShuffleBN:
 
     def keys(self, encode: Encode, images: torch.Tensor, perm=None) -> tuple[torch.Tensor, torch.Tensor]:
         k = encode(images)  # B x C
-        return k, dist.all_gather(k)
+        return k, distributed.all_gather(k)
 
 
 class SyncShuffle(ShuffleBN):
@@ -128,7 +128,7 @@ class SyncShuffle(ShuffleBN):
     name = "sync"
 
     def keys(self, encode: Encode, images: torch.Tensor, perm=None) -> tuple[torch.Tensor, torch.Tensor]:
-        if dist.world_size() > 1 and images.device.type != "cuda":
+        if distributed.world_size() > 1 and images.device.type != "cuda":
             raise ValueError("shuffle_bn=sync needs CUDA tensors with more than one rank (SyncBatchNorm has no CPU path)")
         return super().keys(encode, images, perm)
 
@@ -143,7 +143,7 @@ class SplitShuffle(ShuffleBN):
         shuffled = images[_to_device(p, images.device)]  # advanced indexing keeps channels_last
         k_shuffled = encode(shuffled)  # B x C, row t is sample p[t]
         k = k_shuffled.index_select(0, _to_device(np.argsort(p), images.device))
-        return k, dist.all_gather(k)
+        return k, distributed.all_gather(k)
 
 
 class _GlobalShuffle(ShuffleBN):
@@ -151,9 +151,9 @@ class _GlobalShuffle(ShuffleBN):
 
     def _unshuffle(self, encode: Encode, shuffled: torch.Tensor, inverse: torch.Tensor,
                    batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k_shuffled = dist.all_gather(encode(shuffled))  # N x C in slot order
+        k_shuffled = distributed.all_gather(encode(shuffled))  # N x C in slot order
         k_all = k_shuffled.index_select(0, inverse)  # N x C in global sample order
-        r = dist.rank()
+        r = distributed.rank()
         return k_all[r * batch:(r + 1) * batch], k_all
 
 
@@ -163,10 +163,10 @@ class GatherShuffle(_GlobalShuffle):
     name = "gather"
 
     def keys(self, encode: Encode, images: torch.Tensor, perm=None) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, world, r = images.shape[0], dist.world_size(), dist.rank()
-        p = dist.broadcast(_to_device(self.draw(world * batch, perm), images.device), src=0)
+        batch, world, r = images.shape[0], distributed.world_size(), distributed.rank()
+        p = distributed.broadcast(_to_device(self.draw(world * batch, perm), images.device), src=0)
         mine = p[r * batch:(r + 1) * batch]
-        shuffled = _rowwise(images, lambda x: dist.all_gather(x)[mine])  # all N images in, our B slots out
+        shuffled = _rowwise(images, lambda x: distributed.all_gather(x)[mine])  # all N images in, our B slots out
         return self._unshuffle(encode, shuffled, torch.argsort(p), batch)
 
 
@@ -176,12 +176,12 @@ class AllToAllShuffle(_GlobalShuffle):
     name = "all_to_all"
 
     def keys(self, encode: Encode, images: torch.Tensor, perm=None) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, world, r = images.shape[0], dist.world_size(), dist.rank()
+        batch, world, r = images.shape[0], distributed.world_size(), distributed.rank()
         p = self.draw(world * batch, perm)
         send_rows, send_counts, recv_counts, recv_inverse = all_to_all_plan(p, world, r)
         device = images.device
         send_idx, recv_idx = _to_device(send_rows, device), _to_device(recv_inverse, device)
-        shuffled = _rowwise(images, lambda x: dist.all_to_all(x[send_idx], send_counts, recv_counts)[recv_idx])
+        shuffled = _rowwise(images, lambda x: distributed.all_to_all(x[send_idx], send_counts, recv_counts)[recv_idx])
         return self._unshuffle(encode, shuffled, _to_device(np.argsort(p), device), batch)
 
 

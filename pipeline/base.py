@@ -104,11 +104,6 @@ class TrainLoader:
         return views
 
     @property
-    def samples_seen(self) -> int:
-        """Pairs this rank has yielded since the start of training."""
-        return (self.pass_index * self.batches_per_pass + self.batch_in_pass) * self.local_batch_size
-
-    @property
     def bad_samples(self) -> int:
         """Corrupt samples found and skipped so far (on this rank)."""
         return len(self.bad.locations)

@@ -38,13 +38,6 @@ def sample_photos() -> dict[str, Image.Image]:
     return photos
 
 
-def grayscale_photo() -> Image.Image:
-    """A real single-channel photo (skimage's camera man)."""
-    import skimage.data
-
-    return Image.fromarray(skimage.data.camera())
-
-
 def random_crop(photo: Image.Image, rng: random.Random, short_side: int) -> Image.Image:
     """A random crop covering 25-100% of the photo's area, resized so its shorter side is ``short_side``."""
     w, h = photo.size

@@ -4,14 +4,14 @@ from pathlib import Path
 
 import torch
 
-import distributed as dist
+import distributed
 from tests.conftest import run_torchrun
 
 
 def test_torchrun_environment():
     env = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
            "MASTER_ADDR": "node7", "MASTER_PORT": "1234"}
-    launch = dist.read_launch_env(env)
+    launch = distributed.read_launch_env(env)
     assert (launch.rank, launch.local_rank, launch.world_size, launch.local_world_size) == (3, 1, 4, 2)
     assert (launch.master_addr, launch.master_port, launch.launcher) == ("node7", 1234, "torchrun")
 
@@ -19,25 +19,25 @@ def test_torchrun_environment():
 def test_slurm_environment():
     env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "4(x2)",
            "SLURM_JOB_NODELIST": "gpu[003-004,009]", "SLURM_JOB_ID": "4242"}
-    launch = dist.read_launch_env(env)
+    launch = distributed.read_launch_env(env)
     assert (launch.rank, launch.local_rank, launch.world_size, launch.local_world_size) == (5, 1, 8, 4)
     assert launch.master_addr == "gpu003" and launch.launcher == "slurm"
     assert launch.master_port == 20000 + 4242
 
 
 def test_slurm_node_list_forms():
-    assert dist.first_slurm_host("node12") == "node12"
-    assert dist.first_slurm_host("a1,b2") == "a1"
-    assert dist.first_slurm_host("gpu[07,09-10],cpu1") == "gpu07"
+    assert distributed.first_slurm_host("node12") == "node12"
+    assert distributed.first_slurm_host("a1,b2") == "a1"
+    assert distributed.first_slurm_host("gpu[07,09-10],cpu1") == "gpu07"
 
 
 def test_single_process_fallbacks():
-    info = dist.setup_distributed("cpu", env={})
-    assert info == dist.DistInfo(device=torch.device("cpu")) and info.is_main
+    info = distributed.setup_distributed("cpu", env={})
+    assert info == distributed.DistInfo(device=torch.device("cpu")) and info.is_main
     x = torch.randn(3, 2)
-    assert dist.rank() == 0 and dist.world_size() == 1
-    assert dist.all_gather(x) is x and dist.all_to_all(x, [3], [3]) is x and dist.all_reduce_mean(x) is x
-    assert dist.all_gather_object({"a": 1}) == [{"a": 1}]
+    assert distributed.rank() == 0 and distributed.world_size() == 1
+    assert distributed.all_gather(x) is x and distributed.all_to_all(x, [3], [3]) is x and distributed.all_reduce_mean(x) is x
+    assert distributed.all_gather_object({"a": 1}) == [{"a": 1}]
 
 
 WORKER = Path(__file__).with_name("dist_worker_collectives.py")
@@ -46,3 +46,19 @@ WORKER = Path(__file__).with_name("dist_worker_collectives.py")
 def test_two_rank_gloo_collectives():
     proc = run_torchrun(WORKER, nproc=2, timeout=180)
     assert proc.stdout.count("collectives ok") == 2
+
+
+def test_torch_threads_default_shares_the_usable_cores_among_local_ranks_and_the_loader():
+    import os
+
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        assert distributed.set_torch_threads(0, env={}) == torch.get_num_threads() == cores
+        assert distributed.set_torch_threads(0, env={"LOCAL_WORLD_SIZE": "2"}) == max(1, cores // 2)
+        assert distributed.set_torch_threads(0, reserved=cores, env={}) == 1  # never below one thread
+        assert distributed.set_torch_threads(0, reserved=1, env={}) == max(1, cores - 1)
+        assert distributed.set_torch_threads(3, reserved=8, env={"LOCAL_WORLD_SIZE": "64"}) == 3  # an explicit count wins
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

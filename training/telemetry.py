@@ -19,8 +19,7 @@ from typing import Any
 
 import torch
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from pipeline.recipes import IMAGENET_MEAN, IMAGENET_STD
 
 
 def new_run_id() -> str:

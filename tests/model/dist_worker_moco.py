@@ -9,14 +9,14 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import distributed as dist
+import distributed
 from model import MoCo, build_optimizer
 from tests.model.views import make_perms, make_views, tiny_config, tiny_encoder
 
 GLOBAL_BATCH, STEPS, QUEUE, LR = 8, 3, 10, 0.5
 
 photo_dir, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
-info = dist.setup_distributed("cpu", timeout_s=120)
+info = distributed.setup_distributed("cpu", timeout_s=120)
 r, w = info.rank, info.world_size
 batch = GLOBAL_BATCH // w
 views_q, views_k = make_views(photo_dir, STEPS, GLOBAL_BATCH, dtype=torch.float64)
@@ -45,4 +45,4 @@ for strategy in ("gather", "all_to_all"):
                 "encoder_k": model.encoder_k.state_dict(), "encoder_q": model.encoder_q.state_dict()},
                out_dir / f"{strategy}_rank{r}.pt")
 print(f"rank {r}: moco ok", flush=True)
-dist.teardown_distributed()
+distributed.teardown_distributed()
