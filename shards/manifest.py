@@ -7,6 +7,9 @@
                  "bytes": 230000, "max_sample_bytes": 1200, "stats": "train-000000.stats.json"}, ...],
      "options": {...the build options...}, "classes": ["cat", "dog"] or null}
 
+The directory may be an object-storage prefix (``s3://bucket/shards``, see ``shards.storage``): shard paths are
+then URLs, and index files are read from local copies made once per process.
+
 Each sample in a tar is ``<key>.jpg`` (RGB JPEG) + ``<key>.json`` (source path, original size, hash) and,
 for labelled sets, ``<key>.cls`` (the class index as ASCII text).
 """
@@ -15,9 +18,12 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from shards import storage
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -47,7 +53,7 @@ class Manifest:
     prefix: str = "train"
     options: dict[str, Any] = field(default_factory=dict)
     classes: list[str] | None = None
-    root: Path = Path(".")  # directory the relative paths resolve against (not serialised)
+    root: Path | str = Path(".")  # directory (or s3:// / gs:// prefix) the paths resolve against (not serialised)
 
     @property
     def total_samples(self) -> int:
@@ -61,11 +67,18 @@ class Manifest:
     def max_sample_bytes(self) -> int:
         return max((s.max_sample_bytes for s in self.shards), default=0)
 
-    def tar_path(self, shard: ShardEntry) -> Path:
-        return self.root / shard.tar
+    def tar_path(self, shard: ShardEntry) -> Path | str:
+        """The shard's tar: a Path, or a URL string when the shards are in object storage."""
+        return storage.join(self.root, shard.tar)
 
     def index_path(self, shard: ShardEntry) -> Path:
-        return self.root / shard.index
+        """A local path of the shard's index file; in object storage, a copy made once per process (DALI's
+        webdataset reader opens s3:// tars itself but parses index files from local disk only)."""
+        return storage.local_copy(self.index_url(shard))
+
+    def index_url(self, shard: ShardEntry) -> Path | str:
+        """Where the index file is (a URL string in object storage), without fetching it."""
+        return storage.join(self.root, shard.index)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,6 +89,16 @@ class Manifest:
 
     def check_files(self) -> None:
         """Raise ManifestError naming the first shard tar or index file that is missing."""
+        if storage.is_url(self.root):
+            try:
+                present = {path for path, _size in storage.list_files(self.root)}  # one listing, not one per file
+            except storage.StorageError as exc:
+                raise ManifestError(str(exc)) from None
+            for shard in self.shards:
+                for path in (self.tar_path(shard), self.index_url(shard)):
+                    if path not in present:
+                        raise ManifestError(f"missing {'shard' if path.endswith('.tar') else 'index file'}: {path}")
+            return
         for shard in self.shards:
             for path in (self.tar_path(shard), self.index_path(shard)):
                 if not path.is_file():
@@ -99,6 +122,8 @@ def read_manifest(path: str | os.PathLike, check_files: bool = True) -> Manifest
     Raises:
         ManifestError: missing or malformed manifest, or a missing shard/index (named).
     """
+    if storage.is_url(path) or storage.looks_mangled(path):
+        return _read_remote_manifest(path, check_files)
     path = manifest_path(path)
     if not path.is_file():
         raise ManifestError(f"shard manifest not found: {path}")
@@ -118,16 +143,41 @@ def read_manifest(path: str | os.PathLike, check_files: bool = True) -> Manifest
     return manifest
 
 
+def _read_remote_manifest(url: str, check_files: bool) -> Manifest:
+    """read_manifest for a manifest in object storage: parsed from a temporary local copy, named by its URL."""
+    try:
+        storage.check_url(url)
+        url = url if url.endswith(".json") else storage.join(url, MANIFEST_NAME)
+        data = storage.read_bytes(url)
+    except FileNotFoundError:
+        raise ManifestError(f"shard manifest not found: {url}") from None
+    except storage.StorageError as exc:
+        raise ManifestError(str(exc)) from None
+    with tempfile.TemporaryDirectory(prefix="moco-manifest-") as tmp:
+        local = Path(tmp) / storage.name(url)
+        local.write_bytes(data)
+        try:
+            manifest = read_manifest(local, check_files=False)
+        except ManifestError as exc:
+            raise ManifestError(str(exc).replace(str(local), url)) from None
+    manifest.root = storage.parent(url)
+    if check_files:
+        manifest.check_files()
+    return manifest
+
+
 def write_manifest(manifest: Manifest, directory: str | os.PathLike) -> Path:
     """Write ``manifest.json`` atomically (temporary file, fsync, rename) into ``directory``."""
-    directory = Path(directory)
-    out = directory / MANIFEST_NAME
+    out = storage.join(directory, MANIFEST_NAME)
     write_json_atomic(out, manifest.to_json())
     return out
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
+def write_json_atomic(path: Path | str, payload: Any) -> None:
     """Write JSON so that readers see either the old file or the complete new one, never a torn one."""
+    if storage.is_url(path):
+        storage.write_bytes(path, json.dumps(payload, indent=1).encode())  # one PUT: the object appears whole
+        return
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as fh:
         json.dump(payload, fh, indent=1)

@@ -50,6 +50,11 @@ def is_url(path: str | os.PathLike) -> bool:
     return isinstance(path, str) and _URL.match(path) is not None
 
 
+def looks_mangled(path: str | os.PathLike) -> bool:
+    """True for ``s3:/bucket/...``: a URL that lost a slash in a ``Path`` join (never a local folder ``s3:``)."""
+    return isinstance(path, (str, os.PathLike)) and _ALMOST_URL.match(os.fspath(path)) is not None
+
+
 def check_url(path: str | os.PathLike) -> None:
     """Raise StorageError for an unsupported scheme or a URL mangled into ``scheme:/...``; local paths pass."""
     text = os.fspath(path)
