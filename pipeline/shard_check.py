@@ -29,6 +29,7 @@ import tarfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from shards import storage
 from shards.manifest import Manifest, ManifestError, ShardEntry
 from shards.writer import SampleRecord, read_index
 
@@ -130,7 +131,7 @@ def check_shard(tar: str | os.PathLike, index: str | os.PathLike, all_headers: b
     tar = str(tar)
     check = ShardCheck(tar)
     try:
-        size = os.stat(tar).st_size
+        size = storage.size(tar)  # a local file or an object (s3://): the probes below read either
     except OSError as exc:
         check.problem = f"cannot open the tar ({exc.strerror or exc})"
         return check
@@ -168,7 +169,7 @@ def check_shard(tar: str | os.PathLike, index: str | os.PathLike, all_headers: b
         check.problem = f"truncated at {size} bytes: no whole sample left (its index lists data up to byte {end})"
         check.samples, check.lost = [], []
         return check
-    with open(tar, "rb") as fh:
+    with storage.open_file(tar) as fh:
         probe = whole if all_headers else [whole[0], whole[-1]]
         bad = _bad_headers(fh, probe)
         if bad and not all_headers:
@@ -191,8 +192,8 @@ def suspicious(manifest: Manifest, i: int) -> bool:
     """True when ``stat`` says shard ``i`` differs from the manifest: tar size changed, index missing or empty."""
     entry = manifest.shards[i]
     try:
-        return (os.stat(manifest.tar_path(entry)).st_size != entry.bytes
-                or os.stat(manifest.index_path(entry)).st_size == 0)
+        return (storage.size(manifest.tar_path(entry)) != entry.bytes
+                or storage.size(manifest.index_url(entry)) == 0)
     except OSError:
         return True
 
