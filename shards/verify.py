@@ -111,8 +111,8 @@ def _structure_problems(manifest: Manifest, shard: ShardEntry) -> list[str]:
     if indexed != members:
         first = next((i for i, (a, b) in enumerate(zip(indexed, members)) if a != b), min(len(indexed), len(members)))
         where = (members[first] if first < len(members) else indexed[first])[1] - tarfile.BLOCKSIZE
-        problems.append(f"{idx_path.name}: does not list the members of {tar_path.name} ({len(indexed)} indexed, "
-                        f"{len(members)} in the tar; they differ from the header at offset {where})")
+        problems.append(f"{idx_path.name}: index does not match the members of {tar_path.name} ({len(indexed)} "
+                        f"indexed, {len(members)} in the tar; they differ from the header at offset {where})")
     elif len(records) != shard.samples or size != shard.bytes:
         problems.append(f"{tar_path.name}: manifest says {shard.samples} samples / {shard.bytes} bytes, "
                         f"found {len(records)} / {size}")
