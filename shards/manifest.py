@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from shards import storage
+from shards.sources import IMAGE_SUFFIXES
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -120,20 +121,32 @@ def read_manifest(path: str | os.PathLike, check_files: bool = True) -> Manifest
         check_files: also check that every tar and index file exists.
 
     Raises:
-        ManifestError: missing or malformed manifest, or a missing shard/index (named).
+        ManifestError: missing or malformed manifest, or a missing shard/index (named), in one line with the fix.
     """
     if storage.is_url(path) or storage.looks_mangled(path):
         return _read_remote_manifest(path, check_files)
-    path = manifest_path(path)
+    given, path = Path(path), manifest_path(path)
+    if given.suffix == ".tar":
+        raise ManifestError(f"{given} is a tar shard, not a manifest: pass the directory holding the shards and "
+                            f"their {MANIFEST_NAME} (or that file)")
     if not path.is_file():
-        raise ManifestError(f"shard manifest not found: {path}")
+        raise ManifestError(_not_found(given, path))
     try:
-        raw = json.loads(path.read_text())
-        shards = [ShardEntry(**s) for s in raw["shards"]]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ManifestError(f"malformed shard manifest {path}: {exc}") from None
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ManifestError(f"{path} is not a shard manifest (not UTF-8 text): pass the directory that "
+                            f"`python -m shards build` wrote, or its {MANIFEST_NAME}") from None
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno}): "
+                            "restore it or rebuild the shards with `python -m shards build`") from None
+    except OSError as exc:
+        raise ManifestError(f"cannot read the shard manifest {path}: {exc.strerror or exc}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("shards"), list):
+        raise ManifestError(f'{path} is not a shard manifest (no "shards" list): pass the directory that '
+                            "`python -m shards build` wrote")
     if raw.get("version") != MANIFEST_VERSION:
         raise ManifestError(f"{path}: unsupported manifest version {raw.get('version')!r}")
+    shards = [_shard_entry(s, k, path) for k, s in enumerate(raw["shards"])]
     if not shards:
         raise ManifestError(f"{path}: the manifest lists no shards")
     manifest = Manifest(shards=shards, prefix=raw.get("prefix", "train"), options=raw.get("options", {}),
@@ -141,6 +154,51 @@ def read_manifest(path: str | os.PathLike, check_files: bool = True) -> Manifest
     if check_files:
         manifest.check_files()
     return manifest
+
+
+_INT_FIELDS = {"samples": 1, "bytes": 0, "max_sample_bytes": 0}  # the smallest value each may take
+_FILE_FIELDS = ("tar", "index")
+
+
+def _not_found(given: Path, path: Path) -> str:
+    """Why there is no manifest at ``given``, and what to do: images are built into shards first."""
+    if given.is_dir():
+        files = [p for p in given.iterdir() if p.is_file()] + [p for d in given.iterdir() if d.is_dir()
+                                                              for p in d.iterdir() if p.is_file()]
+        if any(p.suffix.lower() in IMAGE_SUFFIXES for p in files):
+            return (f"{given} holds images, not shards: build shards from it first with `python -m shards build "
+                    f"{given} --out SHARD_DIR` and pass SHARD_DIR")
+        tars = sum(p.suffix == ".tar" for p in files)
+        if tars:
+            return (f"no {MANIFEST_NAME} in {given} (it holds {tars} .tar files): shards built with --part are "
+                    "joined by `python -m shards merge-manifests`; other tars are re-sharded by `python -m shards "
+                    "build`")
+    elif given.suffix.lower() in IMAGE_SUFFIXES and given.is_file():
+        return f"{given} is an image, not a shard manifest: build shards with `python -m shards build` first"
+    return f"shard manifest not found: {path}"
+
+
+def _shard_entry(raw: Any, k: int, path: Path) -> ShardEntry:
+    """Shard ``k`` of the manifest at ``path``, its fields checked (ManifestError naming the field otherwise)."""
+    name = raw.get("tar") if isinstance(raw, dict) else None
+    where = f"{path}: shard {k}" + (f" ({name})" if isinstance(name, str) else "")
+    fix = "; fix the manifest or rebuild the shards with `python -m shards build`"
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{where} is {type(raw).__name__}, not an object{fix}")
+    known = {f.name for f in fields(ShardEntry)}
+    missing = [f.name for f in fields(ShardEntry) if f.default is MISSING and f.name not in raw]
+    unknown = sorted(set(raw) - known)
+    if missing or unknown:
+        what = f"lacks {', '.join(missing)}" if missing else f"has unknown fields {', '.join(unknown)}"
+        raise ManifestError(f"{where} {what}{fix}")
+    for field_name, least in _INT_FIELDS.items():
+        value = raw.get(field_name, least)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ManifestError(f"{where}: {field_name} must be an integer >= {least}, got {value!r}{fix}")
+    for field_name in _FILE_FIELDS:
+        if not isinstance(raw[field_name], str) or not raw[field_name]:
+            raise ManifestError(f"{where}: {field_name} must be a file name, got {raw[field_name]!r}{fix}")
+    return ShardEntry(**raw)
 
 
 def _read_remote_manifest(url: str, check_files: bool) -> Manifest:
