@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m eval.export runs/r50/checkpoints/ckpt-000500000.pt --format torchvision --out r50_moco.pth
+    python -m eval.export runs/r50/checkpoints/step-000500000.pt --format torchvision --out r50_moco.pth
     python -m eval.export CKPT --format detectron2 --out r50_moco.pkl     # then MODEL.WEIGHTS r50_moco.pkl
 
 Accepted checkpoints: this project's (``{"model": MoCo.state_dict(), "config": {...}}``), the original MoCo
@@ -42,6 +42,25 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not hold the expected backbone; the message is one line."""
 
 
+def load_failure_reason(exc: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, as one whole sentence (torch's own messages run to paragraphs).
+
+    A pickled object that is not a tensor or plain container (``weights_only`` refuses it) names the offending
+    global; a truncated or non-zip file says so; anything else gives the first sentence of torch's message.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if unsupported:
+        return (f"it pickles {unsupported.group(1)}, which torch.load(weights_only=True) refuses to run; "
+                "only tensors and plain containers are accepted")
+    if "central directory" in text or "zip archive" in text or isinstance(exc, EOFError):
+        return "the file is truncated or not a torch.save archive"
+    if isinstance(exc, (KeyError, pickle.UnpicklingError)) or not text:
+        return f"not a torch.save archive ({type(exc).__name__})"
+    first = re.split(r"(?<=[.!?])\s", text.splitlines()[0], maxsplit=1)[0]
+    return f"{type(exc).__name__}: {first if len(first) <= 200 else first[:197] + '...'}"
+
+
 def load_checkpoint(source: str | os.PathLike | dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a checkpoint (path or already-loaded dict) into ``(state_dict, config)``.
 
@@ -59,8 +78,7 @@ def load_checkpoint(source: str | os.PathLike | dict) -> tuple[dict[str, torch.T
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types (UnpicklingError, RuntimeError, EOFError, ...)
-            first = (str(exc).strip().splitlines() or [""])[0][:160]
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {first})") from None
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({load_failure_reason(exc)})") from None
     else:
         path, obj = "<state dict>", source
     if not isinstance(obj, dict):
@@ -182,6 +200,32 @@ def to_detectron2(weights: dict[str, torch.Tensor], author: str = "moco-dali") -
     return {"model": out, "__author__": author, "matching_heuristics": True}
 
 
+# Blocks per stage (res2..res5) and block kind -> detectron2's MODEL.RESNETS.DEPTH.
+RESNET_DEPTHS = {((2, 2, 2, 2), False): 18, ((3, 4, 6, 3), False): 34, ((3, 4, 6, 3), True): 50,
+                 ((3, 4, 23, 3), True): 101, ((3, 8, 36, 3), True): 152}
+
+
+def detectron2_resnet_settings(d2_weights: dict[str, Any]) -> dict[str, Any]:
+    """The ``MODEL.RESNETS`` values a detectron2 config needs for these weights (names as :func:`to_detectron2` writes).
+
+    detectron2 defaults to ResNet-50 (``DEPTH 50``, ``RES2_OUT_CHANNELS 256``, ``STRIDE_IN_1X1 True``, the MSRA
+    layout). A ResNet-18/34 needs ``RES2_OUT_CHANNELS 64`` (detectron2 asserts it for R18/R34) and torchvision's
+    bottleneck puts the stride in the 3x3 conv, hence ``STRIDE_IN_1X1 False`` (as MoCo's detectron2 configs set).
+    """
+    blocks = tuple(len({k.split(".")[1] for k in d2_weights if k.startswith(f"res{s}.")}) for s in (2, 3, 4, 5))
+    bottleneck = "res2.0.conv3.weight" in d2_weights
+    settings: dict[str, Any] = {"DEPTH": RESNET_DEPTHS.get((blocks, bottleneck), f"unknown ({blocks} blocks)")}
+    if bottleneck:
+        settings.update(RES2_OUT_CHANNELS=d2_weights["res2.0.conv3.weight"].shape[0], STRIDE_IN_1X1=False)
+    else:
+        settings.update(RES2_OUT_CHANNELS=d2_weights["res2.0.conv2.weight"].shape[0])
+    if bottleneck:  # ResNeXt (grouped 3x3 conv) and wide ResNets change the bottleneck width from 1 x 64
+        width, per_group = d2_weights["res2.0.conv1.weight"].shape[0], d2_weights["res2.0.conv2.weight"].shape[1]
+        if width != 64:
+            settings.update(NUM_GROUPS=width // per_group, WIDTH_PER_GROUP=per_group)
+    return settings
+
+
 def export(source: str | os.PathLike | dict, fmt: str, out: str | os.PathLike, arch: str | None = None) -> Path:
     """Write the backbone of ``source`` to ``out`` as ``torchvision`` (torch.save) or ``detectron2`` (pickle)."""
     state, config = load_checkpoint(source)
@@ -224,6 +268,11 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     path = export(args.checkpoint, args.format, args.out, args.arch)
     print(f"wrote {args.format} weights to {path}")
+    if args.format == "detectron2":
+        with open(path, "rb") as fh:
+            settings = detectron2_resnet_settings(pickle.load(fh)["model"])
+        print("detectron2 config: " + ", ".join(f"MODEL.RESNETS.{k} {v}" for k, v in settings.items())
+              + " (detectron2's defaults are ResNet-50's: DEPTH 50, RES2_OUT_CHANNELS 256; R18/R34 need 64)")
     if args.format == "torchvision" and stem_of(torch.load(path, map_location="cpu", weights_only=True)) == "cifar":
         print("note: cifar stem (3x3 conv1, no max-pool): load into torchvision.models.<arch>() after "
               "model.encoder.use_cifar_stem(net), or with eval.export.load_backbone(path)")

@@ -10,7 +10,15 @@ import pytest
 import torch
 import torchvision
 
-from eval.export import CheckpointError, backbone_state_dict, export, load_backbone, load_checkpoint, to_detectron2
+from eval.export import (
+    CheckpointError,
+    backbone_state_dict,
+    detectron2_resnet_settings,
+    export,
+    load_backbone,
+    load_checkpoint,
+    to_detectron2,
+)
 from eval.export import main as export_main
 from eval.labelled_data import LabelledImages, eval_transform
 from model.encoder import use_cifar_stem
@@ -103,6 +111,28 @@ def test_detectron2_names_and_values(checkpoint, tmp_path):
     assert not any(".bn" in k or "layer" in k or "downsample" in k for k in names)
 
 
+@pytest.mark.parametrize("arch, settings", [
+    ("resnet18", {"DEPTH": 18, "RES2_OUT_CHANNELS": 64}),
+    ("resnet34", {"DEPTH": 34, "RES2_OUT_CHANNELS": 64}),
+    ("resnet50", {"DEPTH": 50, "RES2_OUT_CHANNELS": 256, "STRIDE_IN_1X1": False}),
+    ("resnet152", {"DEPTH": 152, "RES2_OUT_CHANNELS": 256, "STRIDE_IN_1X1": False}),
+    ("resnext50_32x4d", {"DEPTH": 50, "RES2_OUT_CHANNELS": 256, "STRIDE_IN_1X1": False, "NUM_GROUPS": 32,
+                         "WIDTH_PER_GROUP": 4}),
+])
+def test_detectron2_config_settings_per_depth(arch, settings):
+    """detectron2 defaults to R50 (RES2_OUT_CHANNELS 256) and asserts 64 for R18/R34: the export names what to set."""
+    with torch.device("meta"):
+        net = torchvision.models.get_model(arch)
+    weights = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+    assert detectron2_resnet_settings(to_detectron2_names(weights)) == settings
+
+
+def to_detectron2_names(weights):
+    """to_detectron2's renaming on meta tensors (its numpy conversion needs real data)."""
+    real = {k: torch.empty(v.shape) for k, v in weights.items()}
+    return to_detectron2(real)["model"]
+
+
 def test_detectron2_resnet50_bottleneck_names():
     """ResNet-50's bottleneck third conv and norm follow the same rule (res2.0.conv3.norm.*)."""
     with torch.device("meta"):
@@ -146,12 +176,19 @@ def test_cli_and_corrupt_files(checkpoint, tmp_path, capsys):
     proc = subprocess.run([sys.executable, "-m", "eval.export", str(path), "--format", "detectron2", "--out",
                            str(tmp_path / "ok.pkl")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and (tmp_path / "ok.pkl").is_file(), proc.stderr
+    assert "MODEL.RESNETS.DEPTH 18, MODEL.RESNETS.RES2_OUT_CHANNELS 64" in proc.stdout
 
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     (tmp_path / "text.pt").write_text("hello")
     torch.save({"step": 3}, tmp_path / "nomodel.pt")
-    for bad, message in ((truncated, "not a readable PyTorch checkpoint"), (tmp_path / "text.pt", "not a readable"),
+    import argparse
+
+    torch.save({"model": {"w": torch.zeros(1)}, "args": argparse.Namespace(lr=1)}, tmp_path / "pickled.pt")
+    for bad, message in ((truncated, "not a readable PyTorch checkpoint (the file is truncated or not a torch.save "
+                                     "archive)"), (tmp_path / "text.pt", "not a readable"),
+                         (tmp_path / "pickled.pt", "it pickles argparse.Namespace, which torch.load(weights_only=True) "
+                                                   "refuses to run; only tensors and plain containers are accepted)"),
                          (tmp_path / "nomodel.pt", "no model state"), (tmp_path / "absent.pt", "not found")):
         assert export_main([str(bad), "--out", str(tmp_path / "bad.pth")]) == 2
         err = capsys.readouterr().err
