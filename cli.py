@@ -297,7 +297,7 @@ def parse(cls: type, argv: list[str] | None = None, *, group: str | None = None,
         SystemExit: after ``--help`` (printed) or ``--print-config`` (the resolved YAML printed), code 0.
     """
     hints = field_types(cls)
-    groups = {group: cls} if group else {name: hints[name] for name in hints}
+    groups = {group: cls} if group else {f.name: hints[f.name] for f in dataclasses.fields(cls)}
     if not all(is_group(sub) for sub in groups.values()):
         raise TypeError(f"{cls.__name__}: pass group= for a flat dataclass, or give every field a dataclass type")
     parser = ArgumentParser(prog=prog, description=description,
