@@ -51,7 +51,9 @@ class ShardCheck:
 
     Attributes:
         tar: the tar's path.
-        samples: the samples that can be read (index order), each with a ``.jpg`` member.
+        samples: the samples that can be read (index order), each with a ``.jpg`` member (kept by
+            :class:`ShardChecks` for damaged shards only: the readers parse the index themselves).
+        readable: how many samples can be read.
         lost: ``<tar>:<offset>:<member>`` of the indexed samples that cannot be read (beyond the end of a
             truncated tar, or without a ``.jpg`` member).
         problem: why the whole shard cannot be read ('' when it can).
@@ -61,6 +63,7 @@ class ShardCheck:
 
     tar: str
     samples: list[SampleRecord] = field(default_factory=list)
+    readable: int = 0
     lost: list[str] = field(default_factory=list)
     problem: str = ""
     note: str = ""
@@ -182,6 +185,7 @@ def check_shard(tar: str | os.PathLike, index: str | os.PathLike, all_headers: b
             check.samples, check.lost = [], []
             return check
     check.bad_headers = bad
+    check.readable = len(check.samples)
     if not check.samples:
         check.problem = "no sample has a .jpg member"
         check.lost = []
@@ -217,7 +221,10 @@ class ShardChecks:
         """The verdict on shard ``entry`` (checked on the first call only)."""
         tar = str(self.manifest.tar_path(entry))
         if tar not in self._checked:
-            self._checked[tar] = check_shard(tar, self.manifest.index_path(entry))
+            found = check_shard(tar, self.manifest.index_path(entry))
+            # A sound shard's records are not kept: every rank checks every shard in time, and its readers parse
+            # the index themselves (1.3M records would take ~0.5 GB per rank).
+            self._checked[tar] = found if found.damaged else replace(found, samples=[])
         return self._checked[tar]
 
     def is_checked(self, entry: ShardEntry) -> bool:
@@ -240,7 +247,7 @@ class ShardChecks:
             if found is None:
                 shards.append(entry)
             elif found.usable:
-                shards.append(replace(entry, samples=len(found.samples)))
+                shards.append(replace(entry, samples=found.readable))
         if not shards:
             raise ManifestError(f"none of the {len(self.manifest.shards)} shards of {self.manifest.root} can be read "
                                 f"(first: {self.at_start[0].tar}: {self.at_start[0].problem}); "

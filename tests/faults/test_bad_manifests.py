@@ -62,7 +62,7 @@ def test_not_utf8_not_json_not_a_manifest(tmp_path):
 def test_a_tar_an_image_folder_and_a_folder_of_tars(shard_dir, photo_dir, tmp_path):
     with pytest.raises(ManifestError, match="is a tar shard, not a manifest: pass the directory"):
         read_manifest(shard_dir / "train-000000.tar")
-    with pytest.raises(ManifestError, match=f"{photo_dir} holds images, not shards: .*python -m shards build {photo_dir}"):
+    with pytest.raises(ManifestError, match=f"{photo_dir} holds images, not shards: .*shards build {photo_dir}"):
         read_manifest(photo_dir)  # the images sit in class folders one level down
     tars = tmp_path / "tars"
     tars.mkdir()

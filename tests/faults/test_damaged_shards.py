@@ -110,8 +110,7 @@ def test_corrupt_member_header_loses_nothing(clean, tmp_path):
     assert check.usable and len(check.samples) == 16 and not check.lost  # the two-end probe does not read it
     full = check_shard(tar, idx, all_headers=True)
     assert [(h.offset, h.name) for h in full.bad_headers] == [(offset, "000000019.jpg")]
-    records = {str(tar): [(r.key, f[1], f[2], f[3]) for r in check.samples for f in r.files if f[0] == "jpg"]}
-    samples = list(indexed_samples([str(tar)], records))
+    samples = list(indexed_samples([str(tar)], {str(tar): str(idx)}, {}))
     assert len(samples) == 16 and all(s["jpg"] is not None for s in samples)
 
 
@@ -138,6 +137,25 @@ def test_resume_is_exact_on_a_damaged_corpus(clean, tmp_path, backend):
         resumed.close()
     for (q1, k1), (q2, k2) in zip(expected, got):
         assert torch.equal(q1, q2) and torch.equal(k1, k2)
+
+
+def test_resume_onto_newly_damaged_shards_counts_them_and_says_the_order_changed(clean, tmp_path, capsys):
+    root = damage.copy_corpus(clean, tmp_path / "shards")
+    cfg = make_cfg(root, "pytorch")
+    loader = build_train_loader(cfg, DistInfo())
+    next(loader)
+    state = loader.state_dict()
+    loader.close()
+    _damage("cut_in_data", root)  # between the checkpoint and the relaunch
+    capsys.readouterr()
+    resumed = build_train_loader(cfg, DistInfo())
+    resumed.load_state_dict(state)
+    try:
+        assert next(resumed)[0].shape == (8, 3, 64, 64) and resumed.bad_samples == 8
+    finally:
+        resumed.close()
+    err = capsys.readouterr().err
+    assert "changed since the checkpoint (3 shards, 48 samples then, 3 / 40 now)" in err
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
