@@ -171,6 +171,9 @@ def build(cls: type, values: Mapping[str, Any] | None, source: str = "config", p
     known = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         if key not in known:
+            renamed = getattr(cls, "RENAMED", {}).get(key)  # {old: new} field names, for old YAML files
+            if renamed:
+                raise ConfigError(f"{source}: '{_label(prefix, str(key))}' was renamed '{_label(prefix, renamed)}'")
             if not prefix and all(is_group(hints[k]) for k in known):
                 raise ConfigError(f"{source}: unknown group '{key}' (expected one of {', '.join(sorted(known))})")
             raise ConfigError(f"{source}: unknown key '{_label(prefix, str(key))}'")

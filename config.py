@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import cli
 from cli import ConfigError
@@ -50,7 +50,10 @@ class DataConfig:
         "auto", "Where DALI decodes and augments. auto: the GPU when training on CUDA, else CPU operators only.")
     view_decode: Literal["once", "roi"] = _f(
         "once", "DALI views: decode once and crop twice (recommended, see pipeline/__init__.py) or ROI-decode per view.")
-    max_bad_batches: int = _f(1000, "Abort after this many batches lost to corrupt data (a sign the shards are broken).")
+    RENAMED: ClassVar[dict[str, str]] = {"max_bad_batches": "max_bad_samples"}
+    max_bad_samples: int = _f(
+        1000, "Abort after this many corrupt samples (summed over ranks) were skipped: a sign the shards are broken. "
+        "Counted in samples, checked every --log-every steps. (Was max_bad_batches.)")
 
 
 @dataclass(frozen=True)
@@ -204,7 +207,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "optim.lr": o.lr, "optim.weight_decay": o.weight_decay, "optim.warmup_steps": o.warmup_steps,
         "optim.grad_clip": o.grad_clip, "run.total_steps": r.total_steps, "run.total_samples": r.total_samples,
         "run.checkpoint_every_steps": r.checkpoint_every_steps, "run.checkpoint_every_minutes": r.checkpoint_every_minutes,
-        "run.image_log_every": r.image_log_every, "run.knn_every": r.knn_every, "data.max_bad_batches": d.max_bad_batches,
+        "run.image_log_every": r.image_log_every, "run.knn_every": r.knn_every, "data.max_bad_samples": d.max_bad_samples,
         "run.torch_threads": r.torch_threads,
     }
     for name, value in non_negative.items():

@@ -135,6 +135,28 @@ def teardown_distributed() -> None:
         torch_dist.destroy_process_group()
 
 
+# gloo reports a lost peer as a plain RuntimeError that starts with its source location, for example
+# "[.../gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:16002: Connection reset by peer" (peer died) or
+# "[.../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 60000ms for recv operation to complete" (peer
+# stopped or hung for --dist-timeout-s).
+_GLOO_ERROR = re.compile(r"^\[[^\]]*gloo[^\]]*\.cc:\d+\]\s*")
+
+
+def peer_failure(exc: BaseException) -> str | None:
+    """The reason, when ``exc`` is a collective failing because another rank died or stopped responding; else None.
+
+    NCCL and the rendezvous store raise ``torch.distributed.DistError`` subclasses (DistBackendError,
+    DistNetworkError, DistStoreError); gloo raises a plain RuntimeError carrying its source location. Any other
+    exception is not a peer failure (None) and must surface as itself.
+    """
+    message = str(exc).strip()
+    if isinstance(exc, torch_dist.DistError):
+        return message.splitlines()[0] if message else type(exc).__name__
+    if type(exc) is RuntimeError and _GLOO_ERROR.match(message):
+        return _GLOO_ERROR.sub("", message.splitlines()[0]).split(". This is typically")[0]
+    return None
+
+
 def free_port() -> int:
     """An unused TCP port on 127.0.0.1 (for tests and single-node launches)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -7,15 +7,18 @@ Launch:
         --max-restarts=3 train.py --config run.yaml                                         # many nodes, auto-restart
     sbatch scripts/train.sbatch                                                              # Slurm (srun, one task per GPU)
 
-Stop it at any time with SIGTERM or SIGUSR1: every rank finishes its step, a checkpoint is written, exit 0.
-Start it again with the same command: ``--resume auto`` continues exactly where it stopped.
+Stop it at any time with SIGTERM or SIGUSR1: every rank finishes its step, a checkpoint is written, exit 0 (under
+Slurm, SIGUSR1 -- the time-limit warning -- also requeues the job). Start it again with the same command:
+``--resume auto`` continues exactly where it stopped. A user mistake is one line ``error: ...`` and exit code 2
+before any work starts; a fault during training (a diverged loss, a full disk, too many corrupt samples, a dead
+peer) is one line ``error: ...`` and exit code 1, with every checkpoint written so far left loadable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,14 +26,19 @@ from torch.nn.parallel import DistributedDataParallel
 
 import config as config_lib
 import distributed
-from config import Config
+from config import Config, ConfigError
 from eval.knn import build_knn_monitor
 from model import MoCo, autocast_dtype, build_optimizer, lr_at, momentum_at
 from pipeline import build_train_loader
-from shards.manifest import ManifestError
-from training.checkpoint import capture_rng_state, find_resume_checkpoint, restore_rng_state, save_checkpoint
-from training.preemption import PreemptionHandler
+from pipeline.assignment import ShardPlan
+from shards.manifest import ManifestError, read_manifest
+from training.checkpoint import Checkpointer, CheckpointWriteError, NonFiniteState
+from training.metrics import MetricsWindow, TrainingFault, check_window
+from training.preemption import PreemptionHandler, requeue_slurm_job
+from training.resume import load_resume_state, restore
 from training.telemetry import RunLogger
+
+# ------------------------------------------------------------------ the step
 
 
 def train_step(model: MoCo, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -50,25 +58,40 @@ def train_step(model: MoCo, optimizer: torch.optim.Optimizer, scaler: torch.amp.
     return {"loss": out.loss.detach(), "acc1": out.acc1.detach(), "acc5": out.acc5.detach()}
 
 
-def build_model_and_optimizer(cfg: Config, dist: distributed.DistInfo, lr: float, model_cls: type = MoCo):
-    """The MoCo model on its device (DDP over the query encoder when W > 1), optimiser, autocast dtype, grad scaler.
+def set_schedule(optimizer: torch.optim.Optimizer, step: int, total_steps: int, cfg: Config,
+                 peak_lr: float) -> tuple[float, float]:
+    """Set this step's learning rate on the optimiser; return (lr, key-encoder momentum)."""
+    lr = lr_at(step, total_steps, cfg.optim, peak_lr)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr, momentum_at(step, total_steps, cfg.model)
 
-    Benchmarks call this too, with ``model_cls=BaselineMoCo`` for the original structure.
-    """
+
+# ------------------------------------------------------------------ model and optimizer
+
+
+def place_model(model: torch.nn.Module, cfg: Config, dist: distributed.DistInfo) -> torch.nn.Module:
+    """Put a MoCo model (or any module with ``wrap_query_encoder``) on this rank's device as training runs it:
+    channels_last when configured, DDP over the query encoder when W > 1."""
     if dist.device.type == "cuda":
         # Fixed input sizes: cuDNN times its convolution algorithms in the first steps and keeps the fastest, as
         # the original MoCo code does. GPU runs are not bit-reproducible across runs either way.
         torch.backends.cudnn.benchmark = True
-    model = model_cls(cfg.model).to(dist.device)
+    model = model.to(dist.device)
     if cfg.data.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if dist.world_size > 1:
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
         model.wrap_query_encoder(lambda m: DistributedDataParallel(m, device_ids=device_ids))
+    return model
+
+
+def build_optimization(cfg: Config, model: torch.nn.Module, device: torch.device, lr: float):
+    """The optimiser, the autocast dtype (None: fp32) and the grad scaler (enabled for fp16 only) of a placed model."""
     optimizer = build_optimizer(cfg.optim, model, lr)
-    amp_dtype = autocast_dtype(cfg.optim.precision, dist.device)
-    scaler = torch.amp.GradScaler(dist.device.type, enabled=amp_dtype == torch.float16)
-    return model, optimizer, amp_dtype, scaler
+    amp_dtype = autocast_dtype(cfg.optim.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return optimizer, amp_dtype, scaler
 
 
 def total_steps_of(cfg: Config, global_batch: int) -> int:
@@ -76,29 +99,78 @@ def total_steps_of(cfg: Config, global_batch: int) -> int:
         return cfg.run.total_steps
     if cfg.run.total_samples > 0:
         return math.ceil(cfg.run.total_samples / global_batch)
-    raise config_lib.ConfigError("set run.total_steps or run.total_samples (training is a stream, not epochs)")
+    raise ConfigError("set run.total_steps or run.total_samples (training is a stream, not epochs)")
+
+
+# ------------------------------------------------------------------ checks before any work
+
+
+def check_machine(cfg: Config) -> None:
+    """User mistakes about this machine and the run directory, found before any process group or loader starts."""
+    if not torch.cuda.is_available():
+        if cfg.run.device == "cuda":
+            raise ConfigError("run.device=cuda but no CUDA GPU is visible on this machine; use --device auto or cpu")
+        if cfg.data.dali_device == "gpu":
+            raise ConfigError("data.dali_device=gpu but no CUDA GPU is visible on this machine; "
+                              "use --dali-device auto or cpu")
+    run_dir = Path(cfg.run.run_dir)
+    for path in (run_dir, run_dir / "checkpoints"):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"run.run_dir: {path} is a file, not a directory; choose another --run-dir")
+
+
+def check_batch_fits(cfg: Config, world_size: int, global_batch: int) -> None:
+    """Every rank must be able to fill one local batch per pass from its share of the shards."""
+    sizes = [s.samples for s in read_manifest(cfg.data.shards).shards]
+    fewest = min(ShardPlan(sizes, world_size, cfg.run.seed).rank_samples(0))
+    local = global_batch // world_size
+    if fewest < local:
+        raise ConfigError(
+            f"data.batch_size={global_batch} is more than the data can fill: {sum(sizes)} samples in {len(sizes)} "
+            f"shards give the smallest of {world_size} rank(s) {fewest} per pass, fewer than its batch of {local}; "
+            "use a smaller --batch-size or more data")
+
+
+# ------------------------------------------------------------------ the run
+
+
+# Faults that end a run every rank agrees on (reported once, by rank 0, exit code 1).
+FAULTS = (TrainingFault, NonFiniteState, CheckpointWriteError)
 
 
 def train(cfg: Config) -> dict:
-    """Run (or resume) pre-training as configured; returns the run summary (rank 0's numbers)."""
-    # ------------------------------------------------------------------ distributed
+    """Run (or resume) pre-training as configured; returns the run summary (rank 0's numbers).
+
+    Raises:
+        ConfigError, ManifestError: a user mistake, before any work (the entry point prints ``error: ...``, exit 2).
+        SystemExit: a fault during training (``error: ...``, exit 1).
+    """
+    check_machine(cfg)
     dist = distributed.setup_distributed(cfg.run.device, cfg.run.dist_timeout_s)
     try:
         return _train(cfg, dist)
-    except torch.distributed.DistBackendError as exc:
-        raise SystemExit(f"rank {dist.rank}: a collective failed ({str(exc).splitlines()[0]}); "
-                         "another rank probably died. Restart to resume from the last checkpoint.") from None
+    except FAULTS as exc:
+        raise SystemExit(f"error: {exc}" if dist.is_main else 1) from None
+    except Exception as exc:  # a collective failing because a peer died is one line; anything else surfaces as is
+        reason = distributed.peer_failure(exc)
+        if reason is None:
+            raise
+        raise SystemExit(f"error: rank {dist.rank}: a collective failed ({reason}): another rank died or stopped "
+                         "responding. Relaunch to resume from the last checkpoint") from None
     finally:
         distributed.teardown_distributed()
 
 
 def _train(cfg: Config, dist: distributed.DistInfo) -> dict:
+    # ------------------------------------------------------------------ config
     config_lib.validate(cfg, world_size=dist.world_size)
     global_batch = config_lib.global_batch(cfg, dist.world_size)
     peak_lr = config_lib.learning_rate(cfg, dist.world_size)
     total_steps = total_steps_of(cfg, global_batch)
+    check_batch_fits(cfg, dist.world_size, global_batch)
     run_dir = Path(cfg.run.run_dir)
     ckpt_dir = run_dir / "checkpoints"
+    resume_path, resume_state = load_resume_state(cfg.run.resume, ckpt_dir, config_lib.to_dict(cfg), dist.is_main)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_lib.dump_yaml(cfg))
@@ -108,117 +180,87 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> dict:
     loader = build_train_loader(cfg, dist)
 
     # ------------------------------------------------------------------ model and optimizer
-    model, optimizer, amp_dtype, scaler = build_model_and_optimizer(cfg, dist, peak_lr)
+    model = place_model(MoCo(cfg.model), cfg, dist)
+    optimizer, amp_dtype, scaler = build_optimization(cfg, model, dist.device, peak_lr)
 
     # ------------------------------------------------------------------ resume
     step, pairs_seen, run_id = 0, 0, None
-    ckpt_path, state = find_resume_checkpoint(cfg.run.resume, ckpt_dir)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, pairs_seen, run_id = state["step"], state["pairs_seen"], state.get("wandb_run_id")
-        if len(state["loader"]) == dist.world_size:
-            loader.load_state_dict(state["loader"][dist.rank])
-            restore_rng_state(state["rng"][dist.rank], dist.device)
-        else:
-            print(f"warning: checkpoint was written by {len(state['loader'])} ranks, this run has {dist.world_size}: "
-                  "data order restarts (not an exact resume)", file=sys.stderr)
-        if dist.is_main:
-            print(f"resumed from {ckpt_path} at step {step} ({pairs_seen} pairs seen)", flush=True)
-        del state
-
+    if resume_state is not None:
+        point = restore(resume_path, resume_state, dist, model, optimizer, scaler, loader)
+        step, pairs_seen, run_id = point.step, point.pairs_seen, point.wandb_run_id
+        del resume_state
     knn = build_knn_monitor(cfg, dist) if cfg.run.knn_every else None
     logger = RunLogger(run_dir, config_lib.to_dict(cfg), total_steps, enabled=dist.is_main,
                        wandb_mode=cfg.run.wandb_mode, wandb_project=cfg.run.wandb_project,
                        wandb_entity=cfg.run.wandb_entity, run_id=run_id)
+    checkpointer = Checkpointer(ckpt_dir, cfg.run.keep_checkpoints, dist, config_lib.to_dict(cfg), model, optimizer,
+                                scaler, loader, run_id=logger.run_id, start_step=step if resume_path else None,
+                                on_saved=logger.log_checkpoint_artifact if cfg.run.wandb_log_checkpoints else None)
     if dist.is_main:
         print(f"world size {dist.world_size}, device {dist.device}, global batch {global_batch}, "
               f"peak lr {peak_lr:.4g}, {total_steps} steps, loader {type(loader).__name__}", flush=True)
 
-    def write_checkpoint() -> None:
-        # Every rank contributes its loader position and RNG state; rank 0 writes one file.
-        loader_states = distributed.all_gather_object(loader.state_dict())
-        rng_states = distributed.all_gather_object(capture_rng_state(dist.device))
-        if dist.is_main:
-            path = save_checkpoint({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "pairs_seen": pairs_seen, "loader": loader_states, "rng": rng_states,
-                "config": config_lib.to_dict(cfg), "wandb_run_id": logger.run_id, "world_size": dist.world_size,
-            }, ckpt_dir, step, cfg.run.keep_checkpoints)
-            if cfg.run.wandb_log_checkpoints:
-                logger.log_checkpoint_artifact(path, step)
-        preemption.checkpoint_written()
-
     # ------------------------------------------------------------------ loop
-    preemption = PreemptionHandler(cfg.run.checkpoint_every_minutes)
-    sums = {k: torch.zeros((), device=dist.device) for k in ("loss", "acc1", "acc5")}
-    window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
-    last_saved_step = step
+    window = MetricsWindow(dist.device, pairs_per_step=global_batch)
     batches = iter(loader)
     model.train()
-    while step < total_steps:
-        t0 = time.perf_counter()
-        view_q, view_k = next(batches)
-        data_wait = time.perf_counter() - t0
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, total_steps, cfg.optim, peak_lr)
-        momentum = momentum_at(step, total_steps, cfg.model)
-        metrics = train_step(model, optimizer, scaler, view_q, view_k, momentum, amp_dtype, cfg.optim.grad_clip)
-        step += 1
-        pairs_seen += global_batch
-        for k in sums:
-            sums[k] += metrics[k]
-        window_steps += 1
-        window_wait += data_wait
+    if knn is not None and step == 0:  # the random-init baseline every later point is compared with
+        logger.log_eval(0, {"knn_top1": knn.evaluate(model.encoder_q.backbone)})
+    # Signal handlers are restored and loader workers released however the loop ends.
+    with PreemptionHandler(cfg.run.checkpoint_every_minutes) as preemption, contextlib.closing(loader):
+        while step < total_steps:
+            with window.waiting_for_data():
+                view_q, view_k = next(batches)
+            lr, momentum = set_schedule(optimizer, step, total_steps, cfg, peak_lr)
+            window.add(train_step(model, optimizer, scaler, view_q, view_k, momentum, amp_dtype, cfg.optim.grad_clip))
+            step += 1
+            pairs_seen += global_batch
+            if step % cfg.run.log_every == 0 or step == total_steps:
+                logged = window.read(bad_samples=loader.bad_samples)  # the loop's only host sync; summed over ranks
+                logger.log(step, {**logged, "lr": lr, "momentum": momentum, "pairs_seen": pairs_seen,
+                                  **gpu_memory(dist.device)})
+                logger.record_step_time(logged["step_time_s"])
+                check_window(step, logged, cfg.data.max_bad_samples, checkpointer.last_path,
+                             loader.bad_sample_locations)
+            if knn is not None and step % cfg.run.knn_every == 0:
+                with window.paused():  # evaluation is not training time: kept out of pairs/s and step time
+                    logger.log_eval(step, {"knn_top1": knn.evaluate(model.encoder_q.backbone)})
+            if cfg.run.image_log_every and step % cfg.run.image_log_every == 0:
+                with window.paused():
+                    logger.log_images(step, view_q, view_k)
+            stop, due = preemption.poll(step)
+            if stop or due or (cfg.run.checkpoint_every_steps and step % cfg.run.checkpoint_every_steps == 0):
+                checkpointer.save(step, pairs_seen)
+                preemption.checkpoint_written()
+            if stop:
+                if dist.is_main:
+                    print(f"preempted by {preemption.signal_name}: checkpoint at step {step} written, exiting",
+                          flush=True)
+                break
+        if checkpointer.last_step != step:
+            checkpointer.save(step, pairs_seen)
 
-        if step % cfg.run.log_every == 0 or step == total_steps:
-            # The only place the host waits for the device: averages over the window, reduced over ranks.
-            means = distributed.all_reduce_mean(torch.stack([sums[k] for k in sums]) / window_steps).tolist()
-            if dist.device.type == "cuda":
-                torch.cuda.synchronize(dist.device)
-            elapsed = time.perf_counter() - window_start
-            logged = dict(zip(sums, means))
-            logged.update(lr=optimizer.param_groups[0]["lr"], momentum=momentum, pairs_seen=pairs_seen,
-                          pairs_per_s=window_steps * global_batch / elapsed, step_time_s=elapsed / window_steps,
-                          data_wait_share=window_wait / elapsed, bad_samples=loader.bad_samples)
-            if dist.device.type == "cuda":
-                logged["gpu_mem_gb"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
-            logger.log(step, logged)
-            logger.record_step_time(elapsed / window_steps)
-            sums = {k: torch.zeros_like(v) for k, v in sums.items()}
-            window_steps, window_wait, window_start = 0, 0.0, time.perf_counter()
-        if knn is not None and step % cfg.run.knn_every == 0:
-            logger.log_eval(step, {"knn_top1": knn.evaluate(model.encoder_q.backbone)})
-        if cfg.run.image_log_every and step % cfg.run.image_log_every == 0:
-            logger.log_images(step, view_q, view_k)
-        if loader.bad_samples > cfg.data.max_bad_batches:
-            raise RuntimeError(f"{loader.bad_samples} corrupt samples skipped (> data.max_bad_batches): "
-                               f"the shards look broken, e.g. {loader.bad_sample_locations[:3]}")
-
-        stop, due = preemption.poll(step)
-        periodic = cfg.run.checkpoint_every_steps and step % cfg.run.checkpoint_every_steps == 0
-        if stop or due or periodic:
-            write_checkpoint()
-            last_saved_step = step
-        if stop:
-            if dist.is_main:
-                print(f"preempted (signal {preemption.signal_received}): checkpoint at step {step} written, exiting",
-                      flush=True)
-            break
-
-    if step != last_saved_step:
-        write_checkpoint()
-    preemption.close()
-    loader.close()
-    summary = {"steps": step, "pairs_seen": pairs_seen, "world_size": dist.world_size,
-               "global_batch": global_batch, "device": str(dist.device), "preempted": preemption.signal_received is not None,
-               "bad_samples": loader.bad_samples, "wandb_run_id": logger.run_id}
+    # ------------------------------------------------------------------ summary
+    summary = {"steps": step, "pairs_seen": pairs_seen, "world_size": dist.world_size, "global_batch": global_batch,
+               "device": str(dist.device), "preempted": preemption.stop_signal is not None,
+               "stop_signal": preemption.signal_name or None, "bad_samples": loader.bad_samples,
+               "wandb_run_id": logger.run_id}
     if logger.history:
         summary.update(final_loss=logger.history[-1]["loss"], first_loss=logger.history[0]["loss"],
                        mean_pairs_per_s=sum(h["pairs_per_s"] for h in logger.history) / len(logger.history),
                        mean_data_wait_share=sum(h["data_wait_share"] for h in logger.history) / len(logger.history))
-    return logger.finish(summary)
+    summary = logger.finish(summary)
+    requeued = requeue_slurm_job(preemption.stop_signal) if dist.is_main else None  # the very last action
+    if requeued:
+        print(requeued, file=sys.stderr if requeued.startswith("warning") else sys.stdout, flush=True)
+    return summary
+
+
+def gpu_memory(device: torch.device) -> dict[str, float]:
+    """Peak GPU memory allocated so far (empty on the CPU)."""
+    if device.type != "cuda":
+        return {}
+    return {"gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30}
 
 
 def main(argv: list[str] | None = None) -> int:

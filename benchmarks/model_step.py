@@ -68,8 +68,8 @@ def _moco_step(cfg: config_lib.Config, device: torch.device, baseline: bool) -> 
     else:
         cls = MoCo
     torch.manual_seed(cfg.run.seed)
-    model, optimizer, amp, scaler = train.build_model_and_optimizer(
-        cfg, DistInfo(device=device), config_lib.learning_rate(cfg, 1), model_cls=cls)
+    model = train.place_model(cls(cfg.model), cfg, DistInfo(device=device))
+    optimizer, amp, scaler = train.build_optimization(cfg, model, device, config_lib.learning_rate(cfg, 1))
     model.train()
     view_q, view_k = _views(cfg, cfg.data.batch_size, device)
     momentum = cfg.model.momentum

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     import train
+    from model import MoCo
 
     dist = distributed.setup_distributed("auto", 600.0)
     try:
@@ -44,8 +45,9 @@ def main(argv: list[str] | None = None) -> None:
         }, model={"arch": args.arch, "queue_size": args.queue_size, "shuffle_bn": args.shuffle_bn},
             optim={"precision": args.precision})
         torch.manual_seed(0)
-        model, optimizer, amp, scaler = train.build_model_and_optimizer(
-            cfg, dist, config_lib.learning_rate(cfg, dist.world_size))
+        model = train.place_model(MoCo(cfg.model), cfg, dist)
+        optimizer, amp, scaler = train.build_optimization(cfg, model, dist.device,
+                                                          config_lib.learning_rate(cfg, dist.world_size))
         model.train()
         gen = torch.Generator().manual_seed(1 + dist.rank)
         shape = (args.batch_per_rank, 3, args.crop, args.crop)

@@ -1,9 +1,13 @@
-"""Checkpoints: one dict with everything needed to resume exactly, written atomically, loaded without pickle execution.
+"""Checkpoints: one dict with everything needed to resume exactly, written atomically by rank 0, loaded without pickle.
 
 A checkpoint holds the model (both encoders, heads, queue and pointer), optimiser, grad scaler, step, pairs seen,
-every rank's data-loader position and RNG states, the resolved config and the W&B run id. Rank 0 writes it to a
-temporary file, fsyncs and renames it, so a reader sees a complete checkpoint or none; the newest ``keep`` are kept.
-``torch.load(weights_only=True)`` refuses arbitrary pickled objects, so only tensors and plain containers go in.
+every rank's data-loader position and RNG states, the resolved config and the W&B run id. :class:`Checkpointer`
+gathers the ranks' parts and rank 0 writes them to a temporary file, fsyncs and renames it, so a reader sees a
+complete checkpoint or none; the newest ``keep`` are kept. A write that cannot succeed leaves the earlier
+checkpoints as they were: free space is checked first (against the last checkpoint's size), a failed write removes
+its temporary file, temporary files of writers that died (SIGKILL mid-write) are swept when a run starts, and a
+model whose weights are no longer finite is never written. ``torch.load(weights_only=True)`` refuses arbitrary
+pickled objects, so only tensors and plain containers go in.
 """
 
 from __future__ import annotations
@@ -11,14 +15,24 @@ from __future__ import annotations
 import os
 import random
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+import distributed
+
 CHECKPOINT_RE = re.compile(r"^step-(\d{9})\.pt$")
+TEMPORARY_RE = re.compile(r"^\.step-\d{9}\.pt\.tmp-(\d+)$")
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, no permission); the earlier checkpoints are untouched."""
+
+
+class NonFiniteState(RuntimeError):
+    """The model's weights are NaN or infinite: writing them would replace the last good checkpoint with garbage."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -34,8 +48,61 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)), reverse=True)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def sweep_temporary_files(directory: str | os.PathLike) -> list[Path]:
+    """Delete the ``.step-*.pt.tmp-PID`` files of writers that are gone (killed mid-write); return what was removed.
+
+    This process's own PID counts as gone: it has written nothing yet, and a container restarts a job under the
+    same PID, which would otherwise keep a dead run's leftovers forever.
+    """
+    directory = Path(directory)
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for path in directory.iterdir():
+        match = TEMPORARY_RE.match(path.name)
+        if match and (int(match.group(1)) == os.getpid() or not _pid_alive(int(match.group(1)))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def free_bytes(directory: str | os.PathLike) -> int:
+    """Bytes an unprivileged writer may still use on ``directory``'s filesystem."""
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def tensors_in(obj: Any) -> list[torch.Tensor]:
+    """The tensors of a nested container of dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in tensors_in(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in tensors_in(v)]
+    return []
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested container (a lower bound for its size on disk)."""
+    return sum(t.numel() * t.element_size() for t in tensors_in(obj))
+
+
 def save_checkpoint(state: dict[str, Any], directory: str | os.PathLike, step: int, keep: int) -> Path:
     """Write ``state`` atomically as ``directory/step-<step>.pt`` and delete all but the newest ``keep``.
+
+    Before writing, checkpoints beyond the newest ``keep`` are removed and the free space is checked against
+    the size of the last checkpoint (or the state's tensors for the first one).
 
     Args:
         state: plain containers and tensors only (it must load with ``weights_only=True``).
@@ -45,16 +112,38 @@ def save_checkpoint(state: dict[str, Any], directory: str | os.PathLike, step: i
 
     Returns:
         The path written.
+
+    Raises:
+        CheckpointWriteError: not enough free space, or the write failed; no temporary file is left behind and
+            every earlier checkpoint is as it was.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    existing = list_checkpoints(directory)
+    for old in existing[keep:]:
+        old.unlink(missing_ok=True)
     final = directory / checkpoint_name(step)
+    last = existing[0] if existing else None
+    needed = max(last.stat().st_size if last is not None else 0, tensor_bytes(state))
+    needed = int(needed * 1.05) + (1 << 20)  # loader states and pickling overhead vary a little between writes
+    free = free_bytes(directory)
+    resumable = f"the run resumes from {last.name} when relaunched" if last is not None else "no checkpoint exists yet"
+    if free < needed:
+        raise CheckpointWriteError(
+            f"not enough free space for checkpoint {final}: {free / 2**20:.0f} MiB free, about {needed / 2**20:.0f} MiB "
+            f"needed; free space or lower --keep-checkpoints ({resumable})")
     tmp = directory / f".{final.name}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write (ENOSPC, EIO) as RuntimeError
+        tmp.unlink(missing_ok=True)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointWriteError(f"writing checkpoint {final} failed ({reason}; {free_bytes(directory) / 2**20:.0f} "
+                                   f"MiB free); {resumable}") from None
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
@@ -70,29 +159,75 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def find_resume_checkpoint(resume: str, directory: str | os.PathLike) -> tuple[Path | None, dict[str, Any] | None]:
-    """Resolve ``run.resume``: "none", "auto" (newest loadable checkpoint in ``directory``) or an explicit path.
+def all_finite(obj: Any) -> bool:
+    """True when every floating-point tensor in a nested container is free of NaN and infinity (one host sync)."""
+    checks = [torch.isfinite(t).all() for t in tensors_in(obj) if torch.is_floating_point(t)]
+    return bool(torch.stack(checks).all()) if checks else True
 
-    A truncated or corrupt checkpoint is skipped with a warning under "auto"; an explicit path must load.
+
+class Checkpointer:
+    """Writes the run's checkpoints: every rank's loader position and RNG state, one file written by rank 0.
+
+    Every rank calls :meth:`save` at the same step (it holds collectives); the outcome is shared, so a refused
+    or failed write stops every rank with the same message.
+
+    Args:
+        directory: where the checkpoints go (``run_dir/checkpoints``); temporary files of dead writers are swept.
+        keep: how many checkpoints to keep.
+        dist: this process's place in the job.
+        config: the resolved config as a nested dict (stored in every checkpoint).
+        model, optimizer, scaler, loader: what is saved (the loader must have ``state_dict()``).
+        run_id: the W&B run id, stored so a resumed run continues the same W&B run.
+        start_step: the step of the checkpoint this run resumed from (it needs no second write), or None.
+        on_saved: called on rank 0 with (path, step) after each write (e.g. upload as a W&B artifact).
     """
-    if resume == "none":
-        return None, None
-    if resume != "auto":
-        path = Path(resume)
-        if not path.is_file():
-            raise FileNotFoundError(f"run.resume: checkpoint not found: {path}")
-        return path, load_checkpoint(path)
-    for path in list_checkpoints(directory):
-        try:
-            state = load_checkpoint(path)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped, the next one is tried
-            warnings.warn(f"skipping unreadable checkpoint {path}: {type(exc).__name__}: {str(exc)[:200]}", stacklevel=2)
-            continue
-        if not isinstance(state, dict) or "step" not in state or "model" not in state:
-            warnings.warn(f"skipping checkpoint {path}: not a training checkpoint", stacklevel=2)
-            continue
-        return path, state
-    return None, None
+
+    def __init__(self, directory: str | os.PathLike, keep: int, dist: Any, config: dict[str, Any],
+                 model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loader: Any,
+                 run_id: str | None = None, start_step: int | None = None, on_saved: Any = None):
+        self.directory = Path(directory)
+        self.keep, self.dist, self.config = keep, dist, config
+        self.model, self.optimizer, self.scaler, self.loader = model, optimizer, scaler, loader
+        self.run_id, self.on_saved = run_id, on_saved
+        if dist.is_main:
+            for path in sweep_temporary_files(self.directory):
+                print(f"removed {path.name}, left by a checkpoint write that was interrupted", flush=True)
+        newest = list_checkpoints(self.directory)
+        self.last_path: Path | None = newest[0] if newest else None
+        self.last_step = start_step  # the step the model is at when it matches a checkpoint on disk (resumed)
+
+    def save(self, step: int, pairs_seen: int) -> Path:
+        """Write the checkpoint of ``step`` (a collective: every rank calls it at the same step).
+
+        Raises:
+            NonFiniteState: the weights are NaN or infinite (nothing is written).
+            CheckpointWriteError: the write failed (nothing is left half-written).
+        """
+        parts = distributed.all_gather_object({"loader": self.loader.state_dict(),
+                                                "rng": capture_rng_state(self.dist.device)})
+        failure = None
+        if self.dist.is_main:
+            model_state = self.model.state_dict()
+            kept = f"the last good checkpoint {self.last_path} is kept" if self.last_path else "no checkpoint was written"
+            try:
+                if not all_finite(model_state):
+                    raise NonFiniteState(f"the weights are NaN or infinite at step {step}: training diverged; {kept} "
+                                         "(lower --lr / --base-lr, add --warmup-steps or --grad-clip)")
+                save_checkpoint({
+                    "model": model_state, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                    "step": step, "pairs_seen": pairs_seen, "loader": [p["loader"] for p in parts],
+                    "rng": [p["rng"] for p in parts], "config": self.config, "wandb_run_id": self.run_id,
+                    "world_size": self.dist.world_size,
+                }, self.directory, step, self.keep)
+            except (NonFiniteState, CheckpointWriteError) as exc:
+                failure = exc
+        failure = distributed.broadcast_object(failure)  # every rank stops with rank 0's message
+        if failure is not None:
+            raise failure
+        self.last_path, self.last_step = self.directory / checkpoint_name(step), step
+        if self.dist.is_main and self.on_saved is not None:
+            self.on_saved(self.last_path, step)
+        return self.last_path
 
 
 # ----------------------------------------------------------------------------- RNG state as plain tensors

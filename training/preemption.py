@@ -1,15 +1,22 @@
 """Preemption: SIGTERM / SIGUSR1 set a flag; ranks agree on it (and on time-based checkpoints) every few steps.
 
-Slurm sends SIGUSR1 (with ``--signal=USR1@120``) or SIGTERM before killing a job; torchrun forwards SIGTERM to its
-workers. The handler only sets a flag, so the step in flight finishes normally. Ranks may see the signal at
-different steps, so a max-all-reduce of [stop, checkpoint-due] every ``every`` steps makes them stop at the
-same step and write one consistent checkpoint. With NCCL the agreement runs over a separate gloo group so it
-needs no GPU synchronisation.
+Slurm sends SIGUSR1 (with ``--signal=USR1@180``) a few minutes before the time limit, and SIGTERM when it
+preempts or cancels a job; torchrun forwards SIGTERM to its workers. The handler only records the signal, so
+the step in flight finishes normally. Ranks may see a signal at different steps (or only one rank may get it),
+so a max-all-reduce of [signal number, checkpoint-due] every ``every`` steps makes them stop at the same step,
+write one consistent checkpoint and name the same signal. With NCCL the agreement runs over a separate gloo
+group so it needs no GPU synchronisation.
+
+After the checkpoint, a stop caused by SIGUSR1 under Slurm requeues the job (:func:`requeue_slurm_job`): the
+time limit ends a job for good (``--requeue`` only covers node failure and preemption), so a 48-hour run
+in 4-hour slots puts itself back in the queue and the next slot resumes from the checkpoint.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 import time
 
 import torch
@@ -32,7 +39,8 @@ class PreemptionHandler:
         self.every = max(1, every)
         self.interval_s = checkpoint_every_minutes * 60.0
         self.last_checkpoint_time = time.monotonic()
-        self.signal_received: int | None = None
+        self.signal_received: int | None = None  # on this rank
+        self.stop_signal: int | None = None  # agreed: the signal some rank received (the highest number if several)
         self._previous = {}
         self._group = None
         if distributed.is_initialized() and distributed.world_size() > 1:
@@ -49,12 +57,18 @@ class PreemptionHandler:
         """Return (stop, checkpoint_now) agreed by all ranks; only communicates every ``every`` steps."""
         if step % self.every != 0:
             return False, False
-        local_stop = self.signal_received is not None
         due = self.interval_s > 0 and time.monotonic() - self.last_checkpoint_time >= self.interval_s
-        flags = torch.tensor([float(local_stop), float(due)])
+        flags = torch.tensor([float(self.signal_received or 0), float(due)])
         if self._group is not None:
             torch_dist.all_reduce(flags, op=torch_dist.ReduceOp.MAX, group=self._group)
-        return bool(flags[0]), bool(flags[1])
+        if flags[0] > 0:
+            self.stop_signal = int(flags[0])
+        return self.stop_signal is not None, bool(flags[1])
+
+    @property
+    def signal_name(self) -> str:
+        """The agreed stop signal's name (``SIGTERM``), or an empty string."""
+        return signal.Signals(self.stop_signal).name if self.stop_signal else ""
 
     def checkpoint_written(self) -> None:
         self.last_checkpoint_time = time.monotonic()
@@ -64,3 +78,35 @@ class PreemptionHandler:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+    def __enter__(self) -> PreemptionHandler:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def requeue_slurm_job(stop_signal: int | None, env: dict[str, str] | None = None) -> str | None:
+    """Put this Slurm job back in the queue after a stop on SIGUSR1, Slurm's warning before the time limit.
+
+    Call it on one rank, after the checkpoint is written (``scontrol requeue`` ends the job's processes). SIGTERM
+    (``scancel``, preemption) never requeues: a cancelled job must stay cancelled, and Slurm requeues preempted
+    jobs itself. A job submitted with ``--no-requeue`` (or on a cluster that forbids it) is refused by scontrol;
+    that is reported, not raised.
+
+    Returns:
+        A line to print (what was done or why not), or None when not under Slurm or not stopped by SIGUSR1.
+    """
+    env = os.environ if env is None else env
+    job_id = env.get("SLURM_JOB_ID")
+    if stop_signal != signal.SIGUSR1 or not job_id:
+        return None
+    try:
+        proc = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"warning: could not requeue Slurm job {job_id} ({exc}); resubmit it to continue"
+    if proc.returncode != 0:
+        reason = (proc.stderr or proc.stdout).strip().splitlines()
+        return (f"warning: scontrol requeue {job_id} failed ({reason[0] if reason else f'exit {proc.returncode}'}); "
+                "resubmit the job to continue")
+    return f"requeued Slurm job {job_id}: it resumes from this checkpoint when it starts again"

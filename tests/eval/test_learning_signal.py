@@ -35,7 +35,7 @@ from model import MoCo, lr_at, momentum_at
 from model.encoder import Encoder, MoCoProjectionHead
 from pipeline import build_train_loader
 from tests.eval.conftest import write_labelled_shards
-from train import build_model_and_optimizer, train_step
+from train import build_optimization, place_model, train_step
 
 pytestmark = pytest.mark.slow  # ~85 s on two CPU cores; runs in the default suite (deselect with -m "not slow")
 
@@ -125,8 +125,9 @@ def measure(train_set: Path, val_set: Path, seed: int, steps: int = STEPS, knn_k
     lr = config_lib.learning_rate(cfg, dist.world_size)
     torch.manual_seed(cfg.run.seed)  # as train.py: the seed fixes the initial weights
     loader = build_train_loader(cfg, dist)
-    model, optimizer, amp_dtype, scaler = build_model_and_optimizer(
-        cfg, dist, lr, model_cls=lambda m: MoCo(m, encoder=small_encoder(dim=m.dim, hidden_dim=m.mlp_hidden_dim)))
+    model = place_model(MoCo(cfg.model, encoder=small_encoder(dim=cfg.model.dim, hidden_dim=cfg.model.mlp_hidden_dim)),
+                        cfg, dist)
+    optimizer, amp_dtype, scaler = build_optimization(cfg, model, dist.device, lr)
     monitor = build_knn_monitor(cfg, dist)
 
     def top1() -> list[float]:

@@ -6,14 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.checkpoint import (
-    capture_rng_state,
-    find_resume_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
+from training.checkpoint import capture_rng_state, list_checkpoints, load_checkpoint, restore_rng_state, save_checkpoint
+from training.resume import ResumeError, find_resume_checkpoint
 
 
 def _state(step):
@@ -42,7 +36,7 @@ def test_resume_none_and_missing_explicit_path(tmp_path):
     save_checkpoint(_state(10), tmp_path, 10, keep=5)
     assert find_resume_checkpoint("none", tmp_path) == (None, None)
     assert find_resume_checkpoint("auto", tmp_path / "empty") == (None, None)
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+    with pytest.raises(ResumeError, match="checkpoint not found"):
         find_resume_checkpoint(str(tmp_path / "nope.pt"), tmp_path)
 
 
