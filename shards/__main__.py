@@ -21,6 +21,7 @@ import cli
 from shards.build import BuildError, BuildOptions, build_shards, parse_part
 from shards.manifest import ManifestError
 from shards.sources import InputError
+from shards.storage import StorageError
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -50,7 +51,8 @@ def build_parser() -> cli.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.guard(lambda: _run(build_parser().parse_args(argv)), user_errors=(BuildError, InputError, ManifestError))
+    errors = (BuildError, InputError, ManifestError, StorageError)  # StorageError: a bad URL, bucket or credentials
+    return cli.guard(lambda: _run(build_parser().parse_args(argv)), user_errors=errors)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -7,8 +7,8 @@ callers keep one code path:
 * credentials and endpoint come from the standard places that boto3, s3fs and DALI's own S3 client all read:
   ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (or ``AWS_PROFILE`` and ``~/.aws``), ``AWS_REGION`` and, for
   an S3-compatible store, ``AWS_ENDPOINT_URL`` (e.g. ``http://minio:9000``). DALI's client reads the endpoint
-  from the environment once per process, so an environment variable is the one setting that reaches every
-  reader; ``set_s3_endpoint`` sets it from a command-line option.
+  from the environment once per process, so the environment variable is the one setting that reaches every
+  reader (and, unlike a config field, it is not saved into checkpoints made on another cluster).
 * an object appears under its final name only complete: ``put_file`` uploads a finished local file (a single
   PUT, or a multipart upload that S3 publishes only when it completes), so a killed upload leaves no torn
   object, and locally ``put_file`` writes a temporary name then renames.
@@ -71,13 +71,6 @@ def check_url(path: str | os.PathLike) -> None:
         raise StorageError(f"unsupported URL scheme {scheme}:// in {text}; use a local path, s3:// or gs://")
     if scheme != "file" and not rest.split("/", 1)[0]:
         raise StorageError(f"malformed URL {text!r}: no bucket name")
-
-
-def set_s3_endpoint(endpoint: str) -> None:
-    """Point every S3 client of this process (s3fs, boto3, DALI) at ``endpoint``, e.g. ``http://minio:9000``."""
-    if not re.match(r"^https?://[^/]+", endpoint):
-        raise StorageError(f"--s3-endpoint must look like http(s)://host[:port], got {endpoint!r}")
-    os.environ["AWS_ENDPOINT_URL"] = endpoint
 
 
 def join(root: str | os.PathLike, *names: str) -> str | Path:
