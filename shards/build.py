@@ -1,14 +1,17 @@
-"""`shards build`: sorted sources -> parallel decode/validate/re-encode -> deduplicated, resumable shard groups.
+"""`shards build`: streamed sources -> parallel decode/validate/re-encode -> deduplicated, resumable shard groups.
 
-The main process enumerates and sorts the inputs, hands batches of (index, source) to a pool of worker
-processes and consumes the results IN INPUT ORDER (a bounded window of async batches), so the output does not
-depend on the number of workers. It alone deduplicates (a set of content hashes) and writes shards, group
-after group (see ``shards.groups``): a completed group is skipped on a rerun and its hashes re-enter the set.
+The main process streams the sources of its part (``shards.sources``: no global listing, no sort), hands
+batches of (index, source) to a pool of worker processes and consumes the results IN INPUT ORDER (a bounded
+window of async batches), so the output does not depend on the number of workers. Workers do all per-image
+work, including the sample's metadata and its tar framing (``shards.writer.frame_sample``); the main process
+only deduplicates (``shards.digests.DigestSet``, ~17 bytes per image) and appends finished frames to the
+shards, group after group (see ``shards.groups``): the complete groups of an interrupted run are kept, their
+digests re-enter the set, and the build continues after them.
 
-Memory of the dedup set: a Python set of 16-byte digests costs ~90 bytes per accepted image (~9 GB at 100M,
-~90 GB at 1B). A billion-image corpus is therefore built as ``--part i/n``: each part dedups within itself
-(a few GB), and ``merge-manifests`` removes the cross-part duplicates afterwards from the hashes in the stats
-files (see ``shards.merge``), which makes the joined parts equal to one whole run.
+A billion-image corpus is built as ``--part i/n`` (one array task each): a part reads only its share of the
+inputs and dedups within itself; ``merge-manifests`` removes the cross-part duplicates afterwards from the
+digests in the stats files (hash-prefix slices on as many machines as needed) and renames every part's shards
+into one contiguous sequence (see ``shards.merge``).
 """
 
 from __future__ import annotations
@@ -22,30 +25,35 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import PIL
 from PIL import Image
 
-from shards.convert import Converted, ConvertOptions, Rejected, configure_pillow, convert_image
+from shards.convert import ConvertOptions, Rejected, configure_pillow, convert_image
+from shards.digests import DigestSet, decode_digests, encode_digests
 from shards.groups import (
     GroupWriter,
     input_digest,
     is_writable_dir,
+    namespace,
     read_group_stats,
-    remove_group_files,
-    remove_torn_files,
+    remove_after,
     shard_entries,
+    shard_stem,
+    shards_present,
     stats_name,
     stats_payload,
     write_group_stats,
 )
 from shards.manifest import MANIFEST_NAME, Manifest, ShardEntry, write_json_atomic
-from shards.sources import Source, check_inputs, class_names, list_sources, read_source
+from shards.sources import Source, check_inputs, class_names, iter_sources, read_source
+from shards.writer import frame_sample
 
-_BATCH = 8  # sources per worker task: amortises inter-process traffic, small enough to keep all workers busy
+_BATCH = 16  # sources per worker task: amortises inter-process traffic, small enough to keep all workers busy
 
 
 class BuildError(ValueError):
@@ -58,22 +66,23 @@ class BuildOptions:
 
     Args:
         prefix: shard name prefix (``train`` -> ``train-000000.tar``).
-        samples_per_shard: inputs per shard group; shards hold this many samples minus rejections (1000: ~25 MB at
-            256 px).
-        max_shard_bytes: tar size target (1 GiB); a group that would exceed it continues in a ``-1`` shard.
+        samples_per_shard: inputs per shard group; shards hold this many samples minus rejections. 10000 (~250 MB
+            at 256 px; img2dataset's default): 1B images -> 100k shards, not 1M (README "Shards").
+        max_shard_bytes: tar size target (1 GiB, webdataset's usual shard size); a group that would exceed it
+            continues in the next shard number.
         short_side: resize so the shorter side is at most this (256 keeps RandomResizedCrop(224) sharp); 0 = keep.
         min_side: reject images whose shorter side is below this (thumbnails).
         max_pixels: reject images with more pixels than this (decompression bombs).
         max_aspect: reject images whose long/short ratio exceeds this (banners).
         quality: JPEG quality of the re-encoded samples (90: visually lossless at ~1/10 of the pixel bytes).
         workers: decode processes; 0 = all cores, 1 = in this process. The output does not depend on it.
-        part: ``(i, n)`` to build only part i of n (0-based), or None for the whole run.
+        part: ``(i, n)`` to build only part i of n (0-based; its share found without listing the rest), or None.
         labels_from_folders: write ``<key>.cls`` from the first-level folder under each input directory.
         progress: show a progress bar on a terminal.
     """
 
     prefix: str = "train"
-    samples_per_shard: int = 1000
+    samples_per_shard: int = 10000
     max_shard_bytes: int = 1 << 30
     short_side: int = 256
     min_side: int = 32
@@ -121,17 +130,14 @@ def parse_part(text: str) -> tuple[int, int]:
     return i, n
 
 
-def part_groups(num_groups: int, part: tuple[int, int] | None) -> range:
-    """Contiguous groups of part i of n (balanced to within one group); all groups without a part."""
-    if part is None:
-        return range(num_groups)
-    i, n = part
-    return range(i * num_groups // n, (i + 1) * num_groups // n)
-
-
 def part_manifest_name(part: tuple[int, int] | None) -> str:
     """``manifest.json`` for a whole run, ``manifest.part-0003-of-0064.json`` for a part (parts may share a folder)."""
     return MANIFEST_NAME if part is None else f"manifest.part-{part[0]:04d}-of-{part[1]:04d}.json"
+
+
+def sample_key(part: tuple[int, int] | None, index: int) -> str:
+    """The WebDataset key of the part's ``index``-th input: ``0000001234``, or ``p0003-0000001234`` in part 3."""
+    return f"{index:010d}" if part is None else f"p{part[0]:04d}-{index:010d}"
 
 
 def build_shards(inputs: list[str], out_dir: str | os.PathLike, options: BuildOptions = BuildOptions()) -> Manifest:
@@ -151,161 +157,229 @@ def build_shards(inputs: list[str], out_dir: str | os.PathLike, options: BuildOp
     """
     options.validate()
     out = Path(out_dir)
-    check_inputs(list(inputs), options.labels_from_folders)
+    inputs = list(inputs)
+    check_inputs(inputs, options.labels_from_folders)
     reason = is_writable_dir(out)
     if reason:
         raise BuildError(f"cannot write to output directory {out}: {reason}")
-    sources = list_sources(list(inputs), exclude=out, labels_from_folders=options.labels_from_folders)
-    if not sources:
-        raise BuildError(f"no files found in {' '.join(map(str, inputs))}")
-    classes = class_names(sources) if options.labels_from_folders else None
+    _refuse_merged_set(out)
+    ns = namespace(options.prefix, options.part)
+    classes = class_names(inputs, exclude=out) if options.labels_from_folders else None
+    sources = iter_sources(inputs, options.part, exclude=out, labels_from_folders=options.labels_from_folders)
+    tally = _Tally()
+    group, seq = _keep_complete_groups(out, ns, options, sources, tally)
+    removed = remove_after(out, ns, group, seq)
+    if group or removed:
+        print(f"shards: resuming after {group} complete groups ({removed} stale files removed)", file=sys.stderr)
+
+    job = _Job(options.convert_options(), options.part, {name: i for i, name in enumerate(classes or [])})
     per = options.samples_per_shard
-    groups = part_groups(-(-len(sources) // per), options.part)
+    with _Progress(enabled=options.progress and sys.stderr.isatty()) as bar:
+        current: _OpenGroup | None = None
+        try:
+            for batch in _results(_batched(enumerate(sources, group * per), _BATCH), options.workers, job):
+                fresh = tally.seen.add_many(b"".join(r[2] for r in batch if r[2] is not None)).tolist()
+                duplicate = iter(fresh)
+                for r in batch:
+                    if current is None:
+                        current = _OpenGroup(out, ns, group, seq, options)
+                    current.add(r, r[2] is not None and next(duplicate))
+                    if current.inputs == per:
+                        seq = current.finish(tally)
+                        group, current = group + 1, None
+                bar.advance(len(batch), fresh.count(False))
+            if current is not None:
+                seq = current.finish(tally)
+                group, current = group + 1, None
+        finally:
+            if current is not None:
+                current.writer.abort()
+
     recorded = options.output_options()
-    remove_torn_files(out, options.prefix, groups)
-
-    todo: list[int] = []
-    done: dict[int, dict[str, Any]] = {}
-    for g in groups:
-        stats = read_group_stats(out, options.prefix, g)
-        ids = [s.id for s in sources[g * per:(g + 1) * per]]
-        if stats is None:
-            todo.append(g)
-            continue
-        _check_resumable(stats, recorded, ids, out / stats_name(options.prefix, g))
-        done[g] = stats
-
-    label_index = {name: i for i, name in enumerate(classes or [])}
-    seen: set[str] = set()
-    entries: list[ShardEntry] = []
-    rejected: dict[str, int] = {}
-    total_inputs = sum(len(sources[g * per:(g + 1) * per]) for g in groups)
-    bar = _Progress(total_inputs, enabled=options.progress and sys.stderr.isatty())
-    results = _converted(sources, todo, per, options)
-    with bar:
-        for g in groups:
-            if g in done:
-                stats = done[g]
-                seen.update(stats["hashes"])
-                bar.advance(stats["inputs"], stats["accepted"], stats["inputs"] - stats["accepted"])
-            else:
-                stats = _write_group(out, g, sources, per, options, recorded, results, seen, label_index, bar)
-            entries.extend(shard_entries(stats, options.prefix, g))
-            for r, c in stats["rejected"].items():
-                rejected[r] = rejected.get(r, 0) + c
-
-    manifest_options = {**recorded, "inputs": total_inputs, "groups": [groups.start, groups.stop],
-                        "rejected": dict(sorted(rejected.items())), "pillow": PIL.__version__}
+    manifest_options = {**recorded, "inputs": tally.inputs, "groups": group,
+                        "rejected": dict(sorted(tally.rejected.items())), "pillow": PIL.__version__}
     if options.part is not None:
         manifest_options["part"] = f"{options.part[0]}/{options.part[1]}"
-    manifest = Manifest(shards=entries, prefix=options.prefix, options=manifest_options, classes=classes, root=out)
+    manifest = Manifest(shards=tally.entries, prefix=options.prefix, options=manifest_options, classes=classes,
+                        root=out)
     write_json_atomic(out / part_manifest_name(options.part), manifest.to_json())
     accepted = manifest.total_samples
-    print(f"shards: {accepted} accepted, {total_inputs - accepted} rejected "
-          f"({', '.join(f'{k} {v}' for k, v in sorted(rejected.items())) or 'none'}) -> {len(entries)} shards in {out}",
-          file=sys.stderr)
-    if not entries and options.part is None:
-        raise BuildError(f"no image accepted out of {total_inputs} inputs (reasons in {out}/*.stats.json)")
+    print(f"shards: {accepted} accepted, {tally.inputs - accepted} rejected "
+          f"({', '.join(f'{k} {v}' for k, v in sorted(tally.rejected.items())) or 'none'}) -> "
+          f"{len(tally.entries)} shards in {out}", file=sys.stderr)
+    if not tally.entries and options.part is None:
+        raise BuildError(f"no image accepted out of {tally.inputs} inputs (reasons in {out}/*.stats.json)")
     return manifest
 
 
-def _check_resumable(stats: dict[str, Any], recorded: dict[str, Any], ids: list[str], path: Path) -> None:
-    if stats.get("options") != recorded:
-        raise BuildError(f"{path} was built with other options ({stats.get('options')}); use a new --out")
-    if stats.get("input_digest") != input_digest(ids):
-        raise BuildError(f"{path} was built from other inputs (files added or removed since); use a new --out")
+@dataclass
+class _Tally:
+    """What the build has produced so far: shard entries, counts, and the digests of every accepted image."""
+
+    entries: list[ShardEntry] = field(default_factory=list)
+    rejected: dict[str, int] = field(default_factory=dict)
+    inputs: int = 0
+    accepted: int = 0
+    seen: DigestSet = field(default_factory=DigestSet)
+
+    def add(self, stats: dict[str, Any], entries: list[ShardEntry]) -> None:
+        self.entries.extend(entries)
+        self.inputs += stats["inputs"]
+        self.accepted += stats["accepted"]
+        for r, c in stats["rejected"].items():
+            self.rejected[r] = self.rejected.get(r, 0) + c
 
 
-def _write_group(out: Path, g: int, sources: list[Source], per: int, options: BuildOptions,
-                 recorded: dict[str, Any], results: Iterator[tuple[int, Converted | Rejected]], seen: set[str],
-                 label_index: dict[str, int], bar: _Progress) -> dict[str, Any]:
-    """Consume the group's results in order, write its shards and then its stats file."""
-    remove_group_files(out, options.prefix, g)  # a torn attempt of this group, if any
-    first, group_sources = g * per, sources[g * per:(g + 1) * per]
-    writer = GroupWriter(out, options.prefix, g, options.max_shard_bytes)
-    hashes: list[str] = []
-    rejections: list[dict[str, Any]] = []
+def _refuse_merged_set(out: Path) -> None:
     try:
-        for source in group_sources:
-            index, result = next(results)
-            assert sources[index] is source, "results arrived out of order"
-            if isinstance(result, Converted) and result.hash in seen:
-                result = Rejected("duplicate", f"hash {result.hash} seen earlier")
-            if isinstance(result, Rejected):
-                rejections.append({"index": index, "source": source.id, "reason": result.reason,
-                                   "detail": result.detail})
-                bar.advance(1, 0, 1)
-                continue
-            seen.add(result.hash)
-            hashes.append(result.hash)
-            key = f"{index:010d}"
-            meta = {"key": key, "source": source.id, "width": result.width, "height": result.height,
-                    "orig_width": result.orig_width, "orig_height": result.orig_height, "format": result.format,
-                    "mode": result.mode, "frames": result.frames, "hash": result.hash}
-            files = {"jpg": result.jpeg}
-            if source.label is not None:
-                meta["class"] = source.label
-                files["cls"] = str(label_index[source.label]).encode()
-            files["json"] = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-            writer.write(key, files)
-            bar.advance(1, 1, 0)
-        entries = writer.close(stats_name(options.prefix, g))
-    except BaseException:
-        writer.abort()
-        raise
-    digest = input_digest([s.id for s in group_sources])
-    stats = stats_payload(g, first, len(group_sources), digest, recorded, entries, hashes, rejections)
-    write_group_stats(out, options.prefix, g, stats)
-    return stats
+        options = json.loads((out / MANIFEST_NAME).read_text()).get("options", {})
+    except (OSError, ValueError, AttributeError):
+        return
+    if "parts" in options:
+        raise BuildError(f"{out} holds a merged set of {options['parts']} parts (manifest.json); use a new --out")
 
 
-def _converted(sources: list[Source], todo: list[int], per: int,
-               options: BuildOptions) -> Iterator[tuple[int, Converted | Rejected]]:
-    """(index, result) for every source of the ``todo`` groups, in input order."""
-    indices = (i for g in todo for i in range(g * per, min((g + 1) * per, len(sources))))
-    batches = _batched(((i, sources[i]) for i in indices), _BATCH)
-    convert = options.convert_options()
-    workers = options.workers or os.cpu_count() or 1
-    if workers == 1 or not todo:
-        with _pillow_guards(convert):
-            for batch in batches:
-                yield from _convert_batch(batch, convert)
+def _keep_complete_groups(out: Path, ns: str, options: BuildOptions, sources: Iterator[Source],
+                          tally: _Tally) -> tuple[int, int]:
+    """Walk the complete groups of an earlier run (a prefix), consuming their sources; return (group, seq) after."""
+    recorded = options.output_options()
+    per = options.samples_per_shard
+    group = seq = 0
+    while True:
+        stats = read_group_stats(out, ns, group)
+        if stats is None:
+            return group, seq
+        path = out / stats_name(ns, group)
+        if stats.get("options") != recorded:
+            raise BuildError(f"{path} was built with other options ({stats.get('options')}); use a new --out")
+        names = [shard_stem(ns, seq + k) for k in range(len(stats.get("shards", [])))]
+        if not shards_present(out, stats, names):
+            return group, seq
+        ids = [s.id for s in islice(sources, per)]
+        if stats.get("input_digest") != input_digest(ids):
+            raise BuildError(f"{path} was built from other inputs (files added or removed since); use a new --out")
+        tally.seen.add_many(decode_digests(stats["digests"]))
+        tally.add(stats, shard_entries(stats, ns, group))
+        group, seq = group + 1, seq + len(names)
+
+
+class _OpenGroup:
+    """The group being written: its shards, rejections, digests and input fingerprint."""
+
+    def __init__(self, out: Path, ns: str, group: int, seq: int, options: BuildOptions):
+        self.out, self.ns, self.group, self.seq, self.options = out, ns, group, seq, options
+        self.writer = GroupWriter(out, lambda k: shard_stem(ns, seq + k), options.max_shard_bytes)
+        self.first = group * options.samples_per_shard
+        self.inputs = 0
+        self.ids: list[str] = []
+        self.digests: list[bytes] = []
+        self.rejections: list[dict[str, Any]] = []
+
+    def add(self, result: tuple, duplicate: bool) -> None:
+        index, source_id, digest, a, b = result
+        self.inputs += 1
+        self.ids.append(source_id)
+        if digest is None:
+            self.rejections.append({"index": index, "source": source_id, "reason": a, "detail": b})
+        elif duplicate:
+            self.rejections.append({"index": index, "source": source_id, "reason": "duplicate",
+                                    "detail": f"hash {digest.hex()} seen earlier"})
+        else:
+            self.writer.write(a, b)
+            self.digests.append(digest)
+
+    def finish(self, tally: _Tally) -> int:
+        """Publish the shards, then the stats file; return the next shard number."""
+        name = stats_name(self.ns, self.group)
+        entries = self.writer.close(name)
+        stats = stats_payload(self.group, self.first, self.inputs, input_digest(self.ids),
+                              self.options.output_options(), entries, encode_digests(b"".join(self.digests)),
+                              self.rejections)
+        write_group_stats(self.out, self.ns, self.group, stats)
+        tally.add(stats, entries)
+        return self.seq + len(entries)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every worker needs besides its sources (sent once, to the pool's initializer)."""
+
+    convert: ConvertOptions
+    part: tuple[int, int] | None
+    label_index: dict[str, int]
+
+
+_JOB: _Job | None = None
+
+
+def _init_worker(job: _Job) -> None:
+    global _JOB
+    _JOB = job
+    configure_pillow(job.convert)
+
+
+def _results(tasks: Iterator[list[tuple[int, Source]]], workers: int, job: _Job) -> Iterator[list[tuple]]:
+    """Converted batches in input order: in this process (workers=1) or a spawned pool with a bounded window."""
+    first = next(tasks, None)
+    if first is None:
+        return  # nothing left to convert: no pool to start
+    workers = workers or os.cpu_count() or 1
+    if workers == 1:
+        with _pillow_guards(job.convert):
+            global _JOB
+            _JOB = job
+            for batch in _chain(first, tasks):
+                yield _convert_batch(batch)
         return
     ctx = multiprocessing.get_context("spawn")  # no fork: the caller may hold threads (DALI, torch)
-    with ctx.Pool(workers, initializer=configure_pillow, initargs=(convert,)) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
         window: deque = deque()
-        for batch in batches:
-            window.append(pool.apply_async(_convert_batch, (batch, convert)))
+        for batch in _chain(first, tasks):
+            window.append(pool.apply_async(_convert_batch, (batch,)))
             if len(window) >= 4 * workers:  # bounded: a billion tasks never sit in memory at once
-                yield from window.popleft().get()
+                yield window.popleft().get()
         while window:
-            yield from window.popleft().get()
+            yield window.popleft().get()
 
 
-def _convert_batch(batch: list[tuple[int, Source]], convert: ConvertOptions) -> list[tuple[int, Converted | Rejected]]:
-    out = []
+def _chain(first: list, rest: Iterator[list]) -> Iterator[list]:
+    yield first
+    yield from rest
+
+
+def _convert_batch(batch: list[tuple[int, Source]]) -> list[tuple]:
+    """Per source: ``(index, id, None, reason, detail)`` or ``(index, id, digest, key, framed sample)``."""
+    job = _JOB
+    out: list[tuple] = []
     for index, source in batch:
         if source.error:
             reason, _, detail = source.error.partition(": ")
-            out.append((index, Rejected(reason, detail)))
+            out.append((index, source.id, None, reason, detail))
             continue
         try:
             data = read_source(source)
         except OSError as exc:
-            out.append((index, Rejected("unreadable", exc.strerror or str(exc))))
+            out.append((index, source.id, None, "unreadable", exc.strerror or str(exc)))
             continue
-        out.append((index, convert_image(data, convert)))
+        result = convert_image(data, job.convert)
+        if isinstance(result, Rejected):
+            out.append((index, source.id, None, result.reason, result.detail))
+            continue
+        key = sample_key(job.part, index)
+        meta = {"key": key, "source": source.id, "width": result.width, "height": result.height,
+                "orig_width": result.orig_width, "orig_height": result.orig_height, "format": result.format,
+                "mode": result.mode, "frames": result.frames, "hash": result.hash}
+        files = {"jpg": result.jpeg}
+        if source.label is not None:
+            meta["class"] = source.label
+            files["cls"] = str(job.label_index[source.label]).encode()
+        files["json"] = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+        out.append((index, source.id, bytes.fromhex(result.hash), key, frame_sample(key, files)))
     return out
 
 
 def _batched(items: Iterator, size: int) -> Iterator[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
+    while batch := list(islice(items, size)):
         yield batch
 
 
@@ -324,38 +398,40 @@ def _pillow_guards(convert: ConvertOptions):
 
 
 class _Progress:
-    """A rich progress bar (images/s, accepted, rejected) on a terminal; silent otherwise."""
+    """A rich progress line (inputs done, images/s, accepted, rejected) on a terminal; silent otherwise.
 
-    def __init__(self, total: int, enabled: bool):
-        self.enabled, self.total = enabled, total
-        self.accepted = self.rejected = 0
+    No total and no bar: a part never counts its inputs ahead (that would be a listing of its share).
+    """
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.inputs = self.accepted = 0
         self._bar = None
         self._last = 0.0
 
     def __enter__(self) -> _Progress:
         if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress, TextColumn, TimeElapsedColumn
 
-            self._bar = Progress(TextColumn("shards"), BarColumn(), MofNCompleteColumn(),
+            self._bar = Progress(TextColumn("shards {task.completed} inputs"),
                                  TextColumn("{task.fields[rate]:>7.0f} img/s"),
                                  TextColumn("accepted {task.fields[ok]}"), TextColumn("rejected {task.fields[bad]}"),
-                                 TimeRemainingColumn(), transient=False)
+                                 TimeElapsedColumn(), transient=False)
             self._bar.__enter__()
-            self._task = self._bar.add_task("build", total=self.total, rate=0.0, ok=0, bad=0)
+            self._task = self._bar.add_task("build", total=None, rate=0.0, ok=0, bad=0)
             self._start = time.perf_counter()
         return self
 
-    def advance(self, n: int, accepted: int, rejected: int) -> None:
+    def advance(self, inputs: int, accepted: int) -> None:
+        self.inputs += inputs
         self.accepted += accepted
-        self.rejected += rejected
         if self._bar is None:
             return
         now = time.perf_counter()
-        done = self.accepted + self.rejected
-        if now - self._last > 0.1 or done == self.total:
+        if now - self._last > 0.2:
             self._last = now
-            self._bar.update(self._task, completed=done, ok=self.accepted, bad=self.rejected,
-                             rate=done / max(now - self._start, 1e-9))
+            self._bar.update(self._task, completed=self.inputs, ok=self.accepted, bad=self.inputs - self.accepted,
+                             rate=self.inputs / max(now - self._start, 1e-9))
 
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:

@@ -1,15 +1,21 @@
-"""Shard groups: a fixed slice of the sorted inputs becomes one shard (or a few), plus its stats file.
+"""Shard groups: a fixed slice of a part's input stream becomes one shard (or a few), plus its stats file.
 
-Group ``g`` holds inputs ``[g * S, (g + 1) * S)`` of the sorted source list (S = samples per shard), so shard
-numbering depends only on the input list, never on how many images earlier groups rejected: parts of a run
-and a resumed run name and fill every shard exactly as one whole run does. A group normally writes one
-shard, ``<prefix>-<g:06d>.tar``; when its bytes would exceed the byte target it continues in
-``<prefix>-<g:06d>-1.tar``, ``-2`` ... (rejections make groups smaller than S, never larger).
+Group ``j`` of a build (or of part i of a build) holds inputs ``[j * S, (j + 1) * S)`` of that part's input
+stream (S = samples per shard), so which inputs a group holds never depends on how many images earlier groups
+rejected. Its shards take the next numbers of the part's namespace, in order, so the names have no gap:
 
-The group's stats file ``<prefix>-<g:06d>.stats.json`` is written last, atomically: its presence (with
-every shard it lists) is what marks the group complete for resume. It records the accepted count, bytes,
-rejections by reason with their sources, the content hashes of the accepted samples in order (for resume
-and cross-part dedup) and the options that produced the group.
+* a whole build writes ``<prefix>-000000.tar``, ``<prefix>-000001.tar`` ... (one brace pattern covers them);
+* part i writes ``<prefix>-p<iiii>-000000.tar`` ..., and ``merge-manifests`` renames every part's shards, in
+  part order, into the one sequence ``<prefix>-000000.tar`` ... of the merged set (see ``shards.merge``).
+
+A group normally writes one shard; when its bytes would exceed the byte target it continues in the next
+number (rejections make groups smaller than S, never larger). The group's stats file
+``<namespace>-g<jjjjjj>.stats.json`` is written last, atomically: its presence (with every shard it lists, at
+the numbers that follow the previous group's) is what marks the group complete for resume. Because a build
+writes groups in order, the complete groups of an interrupted build are a prefix; a rerun keeps that prefix
+and removes everything of the namespace after it. The stats file records the accepted count, bytes,
+rejections by reason with their sources, the 16-byte content digests of the accepted samples in order
+(base64; for resume and cross-part dedup) and the options that produced the group.
 """
 
 from __future__ import annotations
@@ -17,24 +23,27 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tarfile
+import re
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from shards.manifest import ShardEntry, write_json_atomic
-from shards.writer import ShardWriter
-
-# End-of-archive blocks plus tarfile's padding to a whole record: the most a closed tar grows past its members.
-_TAR_TAIL = 2 * tarfile.BLOCKSIZE + tarfile.RECORDSIZE
+from shards.writer import Framed, ShardWriter
 
 
-def group_stem(prefix: str, group: int) -> str:
-    return f"{prefix}-{group:06d}"
+def namespace(prefix: str, part: tuple[int, int] | None) -> str:
+    """The name stem of a build's files: ``train`` for a whole build, ``train-p0003`` for part 3."""
+    return prefix if part is None else f"{prefix}-p{part[0]:04d}"
 
 
-def stats_name(prefix: str, group: int) -> str:
-    return f"{group_stem(prefix, group)}.stats.json"
+def shard_stem(ns: str, seq: int) -> str:
+    return f"{ns}-{seq:06d}"
+
+
+def stats_name(ns: str, group: int) -> str:
+    return f"{ns}-g{group:06d}.stats.json"
 
 
 def input_digest(ids: list[str]) -> str:
@@ -50,37 +59,29 @@ class GroupWriter:
 
     Args:
         directory: output directory.
-        prefix: shard name prefix.
-        group: group number (names the shards).
+        name_of: the file stem of the group's k-th shard (k = 0, 1, ...).
         max_bytes: target tar size; a sample that alone exceeds it still gets a shard of its own.
     """
 
-    def __init__(self, directory: Path, prefix: str, group: int, max_bytes: int):
-        self.directory, self.prefix, self.group, self.max_bytes = directory, prefix, group, max_bytes
+    def __init__(self, directory: Path, name_of: Callable[[int], str], max_bytes: int):
+        self.directory, self.name_of, self.max_bytes = directory, name_of, max_bytes
         self.entries: list[ShardEntry] = []
         self._writer: ShardWriter | None = None
-        self._tar_bytes = 0
 
-    def write(self, key: str, files: dict[str, bytes]) -> None:
-        size = sum(tarfile.BLOCKSIZE + -(-len(d) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE for d in files.values())
-        if self._writer is not None and len(self._writer) and self._tar_bytes + size + _TAR_TAIL > self.max_bytes:
-            self._close_current()
-        if self._writer is None:
-            sub = len(self.entries)
-            name = group_stem(self.prefix, self.group) + (f"-{sub}" if sub else "")
-            self._writer = ShardWriter(self.directory, name)
-            self._tar_bytes = 0
-        self._writer.write(key, files)
-        self._tar_bytes += size
-
-    def _close_current(self) -> None:
-        self.entries.append(self._writer.close())
-        self._writer = None
+    def write(self, key: str, sample: Framed) -> None:
+        writer = self._writer
+        if writer is not None and len(writer) and writer.tar_bytes + len(sample.data) + _TAR_TAIL > self.max_bytes:
+            self.entries.append(writer.close())
+            writer = None
+        if writer is None:
+            writer = self._writer = ShardWriter(self.directory, self.name_of(len(self.entries)))
+        writer.write_framed(key, sample)
 
     def close(self, stats: str) -> list[ShardEntry]:
         """Publish the open shard; return the group's entries, each pointing at the stats file ``stats``."""
         if self._writer is not None:
-            self._close_current()
+            self.entries.append(self._writer.close())
+            self._writer = None
         return [ShardEntry(**{**asdict(e), "stats": stats}) for e in self.entries]
 
     def abort(self) -> None:
@@ -89,49 +90,65 @@ class GroupWriter:
             self._writer = None
 
 
-def write_group_stats(directory: Path, prefix: str, group: int, payload: dict[str, Any]) -> None:
-    write_json_atomic(directory / stats_name(prefix, group), payload)
+# End-of-archive blocks plus padding to a whole 10 KiB record: the most a closed tar grows past its members.
+_TAR_TAIL = 2 * 512 + 10240
 
 
-def read_group_stats(directory: Path, prefix: str, group: int) -> dict[str, Any] | None:
-    """The group's stats, or None when the group is not complete (no stats, or a listed shard missing)."""
-    path = directory / stats_name(prefix, group)
+def write_group_stats(directory: Path, ns: str, group: int, payload: dict[str, Any]) -> None:
+    write_json_atomic(directory / stats_name(ns, group), payload)
+
+
+def read_group_stats(directory: Path, ns: str, group: int) -> dict[str, Any] | None:
+    """The group's stats file, or None when there is none (or it is not valid JSON)."""
     try:
-        stats = json.loads(path.read_text())
+        return json.loads((directory / stats_name(ns, group)).read_text())
     except (OSError, ValueError):
         return None
-    for shard in stats.get("shards", []):
+
+
+def shards_present(directory: Path, stats: dict[str, Any], names: list[str]) -> bool:
+    """Whether every shard the stats list exists with its index and recorded size, under the expected ``names``."""
+    shards = stats.get("shards", [])
+    if [s.get("tar") for s in shards] != [f"{n}.tar" for n in names]:
+        return False
+    for shard in shards:
         tar, idx = directory / shard["tar"], directory / shard["index"]
         if not idx.is_file() or not tar.is_file() or tar.stat().st_size != shard["bytes"]:
-            return None
-    return stats
+            return False
+    return True
 
 
-def remove_group_files(directory: Path, prefix: str, group: int) -> None:
-    """Delete whatever an interrupted attempt left of a group (torn partials, early shards, stale stats)."""
-    stem = group_stem(prefix, group)
-    patterns = (f"{stem}.tar", f"{stem}-*.tar", f"{stem}.idx", f"{stem}-*.idx", f".{stem}.tar.partial",
-                f".{stem}-*.tar.partial", f".{stem}.idx.partial", f".{stem}-*.idx.partial", stats_name(prefix, group))
-    for pattern in patterns:
-        for path in directory.glob(pattern):
-            path.unlink(missing_ok=True)
+def remove_after(directory: Path, ns: str, group: int, seq: int) -> int:
+    """Delete the namespace's files past a resume point: groups >= ``group``, shards >= ``seq``, all partials.
+
+    Returns:
+        The number of files removed.
+    """
+    shard = re.compile(rf"\.?{re.escape(ns)}-(\d{{6,}})\.(tar|idx)(\.partial)?")
+    stats = re.compile(rf"\.?{re.escape(ns)}-g(\d{{6,}})\.stats\.json(\.tmp-\d+)?")
+    removed = 0
+    with os.scandir(directory) as entries:
+        names = [e.name for e in entries]
+    for name in names:
+        m = shard.fullmatch(name)
+        if m and (int(m.group(1)) >= seq or m.group(3) or name.startswith(".")):
+            (directory / name).unlink(missing_ok=True)
+            removed += 1
+            continue
+        m = stats.fullmatch(name)
+        if m and (int(m.group(1)) >= group or m.group(2)):
+            (directory / name).unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
-def remove_torn_files(directory: Path, prefix: str, groups: range) -> None:
-    """Delete temporary files of ``groups`` left by a killed writer (other parts' groups are left alone)."""
-    for path in directory.glob(f".{prefix}-*.partial"):
-        number = path.name[len(prefix) + 2:].split(".", 1)[0].split("-", 1)[0]
-        if number.isdigit() and int(number) in groups:
-            path.unlink(missing_ok=True)
-
-
-def shard_entries(stats: dict[str, Any], prefix: str, group: int) -> list[ShardEntry]:
-    return [ShardEntry(**{**s, "stats": stats_name(prefix, group)}) for s in stats["shards"]]
+def shard_entries(stats: dict[str, Any], ns: str, group: int) -> list[ShardEntry]:
+    return [ShardEntry(**{**s, "stats": stats_name(ns, group)}) for s in stats["shards"]]
 
 
 def stats_payload(group: int, first: int, inputs: int, digest: str, options: dict[str, Any],
-                  entries: list[ShardEntry], hashes: list[str], rejections: list[dict[str, Any]]) -> dict[str, Any]:
-    """The stats file content; ``rejections`` are sorted by input index so the file is deterministic."""
+                  entries: list[ShardEntry], digests: str, rejections: list[dict[str, Any]]) -> dict[str, Any]:
+    """The stats file content; ``digests`` is the base64 of the accepted samples' digests (``shards.digests``)."""
     rejections = sorted(rejections, key=lambda r: r["index"])
     by_reason: dict[str, int] = {}
     for r in rejections:
@@ -141,7 +158,7 @@ def stats_payload(group: int, first: int, inputs: int, digest: str, options: dic
         "group": group, "first_input": first, "inputs": inputs, "input_digest": digest,
         "accepted": sum(e.samples for e in entries), "bytes": sum(e.bytes for e in entries),
         "rejected": dict(sorted(by_reason.items())), "shards": shards, "rejections": rejections,
-        "hashes": hashes, "options": options,
+        "digests": digests, "options": options,
     }
 
 

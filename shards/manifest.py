@@ -3,6 +3,7 @@
 ``manifest.json`` sits in the shard directory; shard and index paths in it are relative to that directory::
 
     {"version": 1, "prefix": "train", "total_samples": 1234, "total_bytes": 567890,
+     "pattern": "train-{000000..000012}.tar",
      "shards": [{"tar": "train-000000.tar", "index": "train-000000.idx", "samples": 500,
                  "bytes": 230000, "max_sample_bytes": 1200, "stats": "train-000000.stats.json"}, ...],
      "options": {...the build options...}, "classes": ["cat", "dog"] or null}
@@ -11,13 +12,15 @@ The directory may be an object-storage prefix (``s3://bucket/shards``, see ``sha
 then URLs, and index files are read from local copies made once per process.
 
 Each sample in a tar is ``<key>.jpg`` (RGB JPEG) + ``<key>.json`` (source path, original size, hash) and,
-for labelled sets, ``<key>.cls`` (the class index as ASCII text).
+for labelled sets, ``<key>.cls`` (the class index as ASCII text). ``pattern`` is the one brace pattern that names
+every tar (``webdataset.WebDataset(root + "/" + pattern)``), or null when the names do not form one sequence.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -84,7 +87,8 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         return {
             "version": MANIFEST_VERSION, "prefix": self.prefix, "total_samples": self.total_samples,
-            "total_bytes": self.total_bytes, "shards": [asdict(s) for s in self.shards],
+            "total_bytes": self.total_bytes, "pattern": brace_pattern([s.tar for s in self.shards]),
+            "shards": [asdict(s) for s in self.shards],
             "options": self.options, "classes": self.classes,
         }
 
@@ -105,6 +109,22 @@ class Manifest:
                 if not path.is_file():
                     kind = "shard" if path.suffix == ".tar" else "index file"
                     raise ManifestError(f"missing {kind}: {path}")
+
+
+def brace_pattern(tars: list[str]) -> str | None:
+    """``train-{000000..000012}.tar`` when ``tars`` are exactly that sequence, in order; else None.
+
+    The numbers must have one width (brace expansion pads every number to the width of the range's ends).
+    """
+    matches = [re.fullmatch(r"(.*-)(\d+)\.tar", t) for t in tars]
+    if not tars or any(m is None for m in matches):
+        return None
+    stem, first = matches[0].group(1), matches[0].group(2)
+    width, start = len(first), int(first)
+    for k, m in enumerate(matches):
+        if m.group(1) != stem or len(m.group(2)) != width or int(m.group(2)) != start + k:
+            return None
+    return f"{stem}{{{first}..{matches[-1].group(2)}}}.tar"
 
 
 def manifest_path(path: str | os.PathLike) -> Path:

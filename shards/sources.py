@@ -1,4 +1,4 @@
-"""Enumerate build inputs (directory trees, path lists, tar shards) into one sorted list of sources.
+"""Stream the build inputs (directory trees, path lists, tar shards) as sources, or only one part's share of them.
 
 An INPUT is a directory (walked recursively, following symlinks, each real directory visited once so symlink
 loops end), a text file of paths (``.txt`` / ``.lst`` / ``.list``: one path a line, ``#`` comments, relative
@@ -7,18 +7,34 @@ inside a directory walk are expanded the same way). In a tar, members are groupe
 up to the first dot of its basename) and the key's first image member is the sample; companions such as
 ``.json`` / ``.cls`` are metadata of that sample, not separate inputs.
 
+Order (deterministic, so the same inputs always give the same keys and shards): inputs in the order given;
+a list file in line order; a directory depth first, each folder's files sorted by name, then its subfolders
+sorted by name; a tar in member order. Nothing is ever listed whole or sorted whole: sources are yielded as
+they are found, so memory does not grow with the corpus.
+
+Part ``i/n`` of a build takes, without any global listing:
+
+* from a list file of B bytes, the lines that START in bytes ``[i*B//n, (i+1)*B//n)`` (a seek, then a
+  sequential read of about B/n bytes: list files are how billion-image corpora should be given);
+* from a directory, the files (and tar files, whole) whose path relative to the input hashes to i
+  (blake2b mod n). Every part still reads every folder's entries (``os.scandir``, no stat per file), but keeps
+  only its own, so a part's memory is its share of the largest folder;
+* a ``.tar`` given as an input goes whole to the part its path hashes to.
+
 Every file found becomes a Source, including the ones that cannot be read (broken symlink, a symlink that
-points at itself, a missing listed file): those carry an ``error`` and are counted as rejections, so nothing
-is dropped silently. Sources are sorted by id, so the same inputs always give the same order, keys and shards.
+points at itself): those carry an ``error`` and are counted as rejections, so nothing is dropped silently. A
+listed file that does not exist is found out by the worker that reads it (``unreadable``), so the main
+process never stats a listed path.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-import stat
 import tarfile
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff",
@@ -29,12 +45,13 @@ class InputError(ValueError):
     """An input that cannot be used at all (missing, wrong kind); the message is one line naming it."""
 
 
-@dataclass(frozen=True)
-class Source:
+class Source(NamedTuple):
     """One input image: where its bytes are, its class folder, or why it cannot be read.
 
+    A NamedTuple (not a dataclass): one is made per input in the main process and pickled to a worker.
+
     Attributes:
-        id: stable, human-readable name (``dir/sub/x.jpg`` or ``shard.tar::key.jpg``); the sort key.
+        id: stable, human-readable name (``dir/sub/x.jpg`` or ``shard.tar::key.jpg``).
         path: file to read.
         offset: byte offset of the data inside ``path`` (a tar member), or -1 for the whole file.
         size: bytes to read at ``offset`` (tar members only).
@@ -68,12 +85,21 @@ def check_inputs(inputs: list[str], labels_from_folders: bool = False) -> None:
             raise InputError(f"input not readable: {item}")
 
 
-def list_sources(inputs: list[str], exclude: str | os.PathLike | None = None,
-                 labels_from_folders: bool = False) -> list[Source]:
-    """All sources of all inputs, sorted by id.
+def owned(key: str, part: tuple[int, int] | None) -> bool:
+    """Whether part ``i/n`` owns the input named ``key`` (a path relative to its input): blake2b(key) mod n == i."""
+    if part is None or part[1] == 1:
+        return True
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % part[1] == part[0]
+
+
+def iter_sources(inputs: list[str], part: tuple[int, int] | None = None, exclude: str | os.PathLike | None = None,
+                 labels_from_folders: bool = False) -> Iterator[Source]:
+    """The sources of part ``i/n`` of the inputs (all of them when ``part`` is None), streamed in input order.
 
     Args:
         inputs: directories, path-list files and tar files (see the module docstring).
+        part: ``(i, n)``, or None for everything.
         exclude: a directory never to walk into (the output directory, when it sits inside an input).
         labels_from_folders: label each file with its first-level folder under its input directory.
 
@@ -82,22 +108,40 @@ def list_sources(inputs: list[str], exclude: str | os.PathLike | None = None,
     """
     check_inputs(inputs, labels_from_folders)
     skip = os.path.realpath(exclude) if exclude is not None else None
-    sources: list[Source] = []
     for item in inputs:
         root = os.path.normpath(item)
         if os.path.isdir(root):
-            sources.extend(_walk(root, skip, labels_from_folders))
+            yield from _walk(root, skip, labels_from_folders, part)
         elif root.lower().endswith(".tar"):
-            sources.extend(_tar_sources(root, root, None))
+            if owned(root, part):
+                yield from _tar_sources(root, root, None)
         else:
-            sources.extend(_list_file(root))
-    sources.sort(key=lambda s: s.id)
-    return sources
+            yield from _list_range(root, part)
 
 
-def class_names(sources: list[Source]) -> list[str]:
-    """The sorted class list (a class index is a position in it)."""
-    return sorted({s.label for s in sources if s.label is not None})
+def list_sources(inputs: list[str], exclude: str | os.PathLike | None = None,
+                 labels_from_folders: bool = False) -> list[Source]:
+    """All sources of all inputs as a list (small corpora, tests); builds stream ``iter_sources`` instead."""
+    return list(iter_sources(inputs, None, exclude, labels_from_folders))
+
+
+def class_names(inputs: list[str], exclude: str | os.PathLike | None = None) -> list[str]:
+    """The sorted class list (a class index is a position in it): the first-level folders of the directory inputs.
+
+    Read from the input roots only (one ``scandir`` each), so every part of a build gets the same list without
+    walking the corpus. A folder's symlink counts when it points at a directory; the output directory does not.
+    """
+    skip = os.path.realpath(exclude) if exclude is not None else None
+    names: set[str] = set()
+    for item in inputs:
+        root = os.path.normpath(item)
+        if not os.path.isdir(root):
+            continue
+        with os.scandir(root) as entries:
+            for entry in entries:
+                if _is_dir(entry) and os.path.realpath(entry.path) != skip:
+                    names.add(entry.name)
+    return sorted(names)
 
 
 def read_source(source: Source) -> bytes:
@@ -112,58 +156,87 @@ def read_source(source: Source) -> bytes:
     return data
 
 
-def _walk(root: str, skip: str | None, labels: bool) -> list[Source]:
-    out: list[Source] = []
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows symlinks; no system call unless the entry is one
+    except OSError:
+        return False
+
+
+def _walk(root: str, skip: str | None, labels: bool, part: tuple[int, int] | None) -> Iterator[Source]:
+    """Depth first, files of a folder (sorted) before its subfolders (sorted); only the entries ``part`` owns."""
     seen: set[tuple[int, int]] = set()
-    stack = [root]
+    stack = [""]  # folders relative to root, the next one to visit last
     while stack:
-        folder = stack.pop()
+        rel_dir = stack.pop()
+        folder = os.path.join(root, rel_dir) if rel_dir else root
+        files: list[tuple[str, bool]] = []
+        subdirs: list[str] = []
         try:
             info = os.stat(folder)
             if (info.st_dev, info.st_ino) in seen or os.path.realpath(folder) == skip:
                 continue  # a symlink back into the tree (or an alias of a visited folder): its files are listed once
             seen.add((info.st_dev, info.st_ino))
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if _is_dir(entry):
+                        subdirs.append(entry.name)
+                        continue
+                    rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+                    if owned(rel, part):
+                        try:
+                            regular = entry.is_file()
+                        except OSError:
+                            regular = False
+                        files.append((entry.name, regular))
         except OSError as exc:
-            out.append(Source(folder, folder, error=f"unreadable: folder: {exc.strerror or exc}"))
+            if owned(rel_dir or ".", part):
+                yield Source(folder, folder, error=f"unreadable: folder: {exc.strerror or exc}")
             continue
-        for entry in entries:
-            rel = os.path.relpath(entry.path, root)
-            label = rel.split(os.sep, 1)[0] if labels and os.sep in rel else None
-            try:
-                mode = os.stat(entry.path).st_mode  # follows symlinks; a loop or dangling link raises
-            except OSError as exc:
-                out.append(Source(entry.path, entry.path, label=label, error=f"unreadable: {exc.strerror or exc}"))
-                continue
-            if stat.S_ISDIR(mode):
-                stack.append(entry.path)
-            elif not stat.S_ISREG(mode):
-                out.append(Source(entry.path, entry.path, label=label, error="unreadable: not a regular file"))
-            elif entry.name.lower().endswith(".tar"):
-                out.extend(_tar_sources(entry.path, entry.path, label))
+        label = rel_dir.split("/", 1)[0] if labels and rel_dir else None
+        for name, regular in sorted(files):
+            path = os.path.join(folder, name)
+            if labels and label is None:
+                yield Source(path, path, error="unlabelled: not inside a class folder")
+            elif not regular:
+                yield Source(path, path, label=label, error=f"unreadable: {_why_not_regular(path)}")
+            elif name.lower().endswith(".tar"):
+                yield from _tar_sources(path, path, label)
             else:
-                out.append(Source(entry.path, entry.path, label=label))
-    if labels:
-        out = [s if s.label is not None else Source(s.id, s.path, s.offset, s.size, None, s.error or
-                                                    "unlabelled: not inside a class folder") for s in out]
-    return out
+                yield Source(path, path, label=label)
+        stack.extend(f"{rel_dir}/{d}" if rel_dir else d for d in sorted(subdirs, reverse=True))
 
 
-def _list_file(path: str) -> list[Source]:
+def _why_not_regular(path: str) -> str:
+    try:
+        os.stat(path)  # follows symlinks: a loop or a dangling link raises
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return "not a regular file"
+
+
+def _list_range(path: str, part: tuple[int, int] | None) -> Iterator[Source]:
+    """The listed paths whose line starts inside part i's byte range of the list file."""
+    i, n = part or (0, 1)
+    size = os.path.getsize(path)
+    start, stop = i * size // n, (i + 1) * size // n
     base = os.path.dirname(path)
-    out: list[Source] = []
-    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
-        for line in fh:
-            line = line.strip()
+    with open(path, "rb") as fh:
+        if start:
+            fh.seek(start - 1)
+            if fh.read(1) != b"\n":
+                fh.readline()  # the line in progress belongs to the part in whose range it starts
+        at = fh.tell()
+        while at < stop:
+            raw = fh.readline()
+            if not raw:
+                break
+            at += len(raw)
+            line = raw.decode("utf-8", "surrogateescape").strip()
             if not line or line.startswith("#"):
                 continue
             target = os.path.normpath(line if os.path.isabs(line) else os.path.join(base, line))
-            if not os.path.isfile(target):
-                why = "is a directory" if os.path.isdir(target) else "listed file not found"
-                out.append(Source(target, target, error=f"unreadable: {why}"))
-            else:
-                out.append(Source(target, target))
-    return out
+            yield Source(target, target)
 
 
 def _tar_sources(path: str, source_id: str, label: str | None) -> list[Source]:

@@ -1,5 +1,6 @@
 """`shards build` end to end on real photos plus crafted bad files: exact counts, DALI reads every sample,
-identical output for any worker count, resume after a kill, parts joined == one whole run, class labels."""
+identical output for any worker count, resume after a kill, parts (of folders and of list files) that cover
+every input once and merge into one contiguous set with cross-part duplicates removed once, class labels."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+import webdataset as wds
 
 from shards.build import BuildOptions, build_shards
-from shards.manifest import read_manifest
-from shards.merge import merge_manifests
+from shards.digests import DIGEST_SIZE, decode_digests
+from shards.manifest import ManifestError, read_manifest
+from shards.merge import find_duplicates, merge_manifests
 from shards.verify import verify_shards
 from tests.conftest import REPO
 from tests.shards.bad_files import EXPECTED, write_bad_files
@@ -84,8 +87,8 @@ def test_worker_count_does_not_change_the_output(corpus, whole, tmp_path):
 def test_resume_rebuilds_torn_and_missing_groups_identically(corpus, whole, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(whole, out)
-    (out / "train-000003.stats.json").unlink()  # group 3 was interrupted after its tar, before its stats
-    (out / "train-000006.tar").unlink()  # group 6 lost its tar
+    (out / "train-g000003.stats.json").unlink()  # group 3 was interrupted after its tar, before its stats
+    (out / "train-000006.tar").unlink()  # group 6 lost its tar (later groups are redone too: names follow on)
     (out / "manifest.json").unlink()
     (out / ".train-000007.tar.partial").write_bytes(b"torn")
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("train-00000[0-2].tar")}
@@ -119,39 +122,196 @@ def test_resume_after_kill_is_byte_identical(corpus, whole, tmp_path):
     assert not list(out.glob(".*partial"))
 
 
-@pytest.mark.parametrize("num_parts", [3])
-def test_parts_joined_equal_one_whole_run(corpus, whole, tmp_path, num_parts):
-    """Parts in one shared folder: merged, every file (manifest included) equals the whole run's, byte for byte.
+def _opts(**kw) -> BuildOptions:
+    return BuildOptions(samples_per_shard=PER_SHARD, workers=1, progress=False, **kw)
 
-    bad/dup.jpg (part 0) and its original photo (a later part) are a cross-part duplicate: each part keeps its
-    own copy, and merge-manifests rewrites the later group, as the whole run would have written it.
+
+def _hashes(manifest) -> list[str]:
+    """The content hash of every sample of the shard set, read through the brace pattern with webdataset."""
+    pattern = manifest.to_json()["pattern"]
+    assert pattern is not None, [s.tar for s in manifest.shards]
+    samples = list(wds.WebDataset(str(manifest.root / pattern), shardshuffle=False, empty_check=False))
+    assert len(samples) == manifest.total_samples
+    return [json.loads(s["json"])["hash"] for s in samples]
+
+
+@pytest.fixture(scope="module")
+def parts5(corpus, tmp_path_factory) -> Path:
+    """The corpus built as 5 parts into one shared folder (not merged: tests merge copies).
+
+    With 5 parts, bad/dup.jpg (part 1) and its original photo (part 4) land in different parts (the split is a
+    fixed hash of their paths): each part keeps its copy, and the merge must drop the later one.
     """
+    shared = tmp_path_factory.mktemp("parts5")
+    for i in range(5):
+        build_shards([str(corpus)], shared, _opts(part=(i, 5)))
+    return shared
+
+
+def test_parts_cover_every_input_once_and_merge_like_one_whole_run(parts5, whole, tmp_path):
+    """5 parts: every input in exactly one part; merged, the same images as the whole run, each exactly once.
+
+    bad/dup.jpg and its original photo are one image in two parts: part 1 keeps it, the merge drops part 4's.
+    """
+    stats = [json.loads(p.read_text()) for p in sorted(parts5.glob("*.stats.json"))]
+    sources = [r["source"] for s in stats for r in s["rejections"]]
+    manifests = [json.loads(p.read_text()) for p in sorted(parts5.glob("manifest.part-*.json"))]
+    assert sum(m["options"]["inputs"] for m in manifests) == 62 and all(m["options"]["inputs"] < 62 for m in manifests)
     shared = tmp_path / "shared"
-    for i in range(num_parts):
-        build_shards([str(corpus)], shared, BuildOptions(samples_per_shard=PER_SHARD, workers=1, progress=False,
-                                                         part=(i, num_parts)))
-    parts_total = sum(json.loads(p.read_text())["total_samples"] for p in shared.glob("manifest.part-*.json"))
-    assert parts_total == 54  # the cross-part duplicate is still in both parts
-    merge_manifests([str(shared)], shared)
-    for p in shared.glob("manifest.part-*.json"):
+    shutil.copytree(parts5, shared)
+    merged = merge_manifests([str(shared)], shared)
+    reference = read_manifest(whole)
+    assert merged.options["inputs"] == 62 and merged.options["rejected"] == reference.options["rejected"]
+    assert merged.total_samples == reference.total_samples == 53
+    hashes = _hashes(merged)
+    assert len(set(hashes)) == len(hashes) and sorted(hashes) == sorted(_hashes(reference))
+    assert len(sources) == len(set(sources))  # no input rejected twice
+    dropped = [r for p in shared.glob("train-p0004-*.stats.json") for r in json.loads(p.read_text())["rejections"]
+               if r["reason"] == "duplicate"]
+    assert [Path(r["source"]).parent.name for r in dropped] == ["outdoor"]  # the original, after bad/dup.jpg
+    assert merged.to_json()["pattern"] == f"train-{{000000..{len(merged.shards) - 1:06d}}}.tar"
+    assert not list(shared.glob("train-p*.tar")) and verify_shards(shared, dali=True).ok
+
+
+def test_merge_by_hash_prefix_slices_equals_the_merge_in_one_process(parts5, tmp_path):
+    """Two slice runs (each holding only its slice's digests) then the merge: same files as one in-memory merge."""
+    one, sliced = tmp_path / "one", tmp_path / "sliced"
+    shutil.copytree(parts5, one)
+    shutil.copytree(parts5, sliced)
+    merge_manifests([str(one)], one)
+    find_duplicates([str(sliced)], sliced, (1, 2))
+    with pytest.raises(ManifestError, match="1 of 2 duplicate slices.*K = 0"):
+        merge_manifests([str(sliced)], sliced)
+    slices = [find_duplicates([str(sliced)], sliced, (k, 2)) for k in (0, 1)]
+    assert [s["digests"] > 0 for s in slices] == [True, True] and sum(s["digests"] for s in slices) == 53
+    in_parts = sum(json.loads(p.read_text())["total_samples"] for p in sliced.glob("manifest.part-*.json"))
+    assert in_parts == 54  # bad/dup.jpg and its original landed in different parts: one is a cross-part duplicate
+    assert sum(len(h) for s in slices for h in s["duplicates"].values()) == 1
+    merge_manifests([str(sliced)], sliced)
+    for p in sliced.glob("duplicates-*.json"):
         p.unlink()
-    assert _files(shared) == _files(whole)
+    assert _files(sliced) == _files(one)
+    assert merge_manifests([str(sliced)], sliced).total_samples == 53  # a rerun returns the finished merge
+
+
+def test_interrupted_merge_resumes(parts5, tmp_path, monkeypatch):
+    import shards.merge as merge
+
+    shared = tmp_path / "shared"
+    shutil.copytree(parts5, shared)
+    calls = []
+    real = os.replace
+
+    def failing_replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # killed half way through the renames
+        return real(src, dst)
+
+    monkeypatch.setattr(merge.os, "replace", failing_replace)
+    with pytest.raises(KeyboardInterrupt):
+        merge_manifests([str(shared)], shared)
+    monkeypatch.setattr(merge.os, "replace", real)
+    assert not (shared / "manifest.json").exists()
+    merged = merge_manifests([str(shared)], shared)
+    assert merged.total_samples == 53 and len(set(_hashes(merged))) == 53
+    assert verify_shards(shared, dali=False).ok
 
 
 def test_parts_in_separate_folders_merge_into_one_manifest(corpus, whole, tmp_path):
     dirs = [tmp_path / f"part{i}" for i in range(2)]
     for i, d in enumerate(dirs):
-        build_shards([str(corpus)], d, BuildOptions(samples_per_shard=PER_SHARD, workers=1, progress=False, part=(i, 2)))
+        build_shards([str(corpus)], d, _opts(part=(i, 2)))
     with pytest.raises(Exception, match="complete run"):
         merge_manifests([str(dirs[0])], tmp_path / "merged")
     merged = merge_manifests([str(d) for d in dirs], tmp_path / "merged")
     reference = read_manifest(whole)
-    assert [Path(s.tar).name for s in merged.shards] == [s.tar for s in reference.shards]
-    for mine, ref in zip(merged.shards, reference.shards):
-        assert merged.tar_path(mine).read_bytes() == reference.tar_path(ref).read_bytes()
-        assert merged.index_path(mine).read_bytes() == reference.index_path(ref).read_bytes()
-    assert merged.options == reference.options
+    assert merged.total_samples == reference.total_samples
+    assert sorted(_hashes(merged)) == sorted(_hashes(reference))
+    assert {k: v for k, v in merged.options.items() if k not in ("parts", "fingerprint", "groups")} == \
+        {k: v for k, v in reference.options.items() if k != "groups"}
     assert verify_shards(tmp_path / "merged", dali=False).ok
+    with pytest.raises(Exception, match="holds a merged set"):
+        build_shards([str(corpus)], tmp_path / "merged", _opts())
+
+
+def _list_file(folder: Path, photo_dir: Path) -> tuple[Path, list[str]]:
+    """A list of the 48 photos (relative paths), 3 missing files, comments and blank lines."""
+    photos = sorted(os.path.relpath(p, folder) for p in photo_dir.rglob("*.*"))
+    lines = ["# the corpus", *photos[:20], "", "missing/a.jpg", *photos[20:], "missing/b.jpg", "  ", "missing/c.jpg"]
+    path = folder / "paths.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path, [os.path.normpath(folder / p) for p in photos + ["missing/a.jpg", "missing/b.jpg", "missing/c.jpg"]]
+
+
+def _read_bytes() -> int:
+    return int(next(line for line in Path("/proc/self/io").read_text().splitlines() if line.startswith("rchar")).split()[1])
+
+
+@pytest.mark.parametrize("num_parts", [1, 4, 7])
+def test_list_file_parts_read_only_their_byte_range(tmp_path, num_parts):
+    """Each part reads its slice of the list file (not the list), and the parts hold every line exactly once."""
+    from shards.sources import iter_sources
+
+    names = [f"dir{i % 7}/img_{i:06d}.jpg" for i in range(20_000)]
+    path = tmp_path / "big.lst"
+    path.write_text("\n".join(names) + "\n")
+    seen = []
+    for i in range(num_parts):
+        before = _read_bytes()
+        mine = [s.id for s in iter_sources([str(path)], (i, num_parts))]
+        assert _read_bytes() - before < path.stat().st_size / num_parts + 64 * 1024
+        seen.extend(mine)
+        assert abs(len(mine) - 20_000 / num_parts) < 30  # balanced by bytes ~ lines
+    assert seen == [os.path.normpath(tmp_path / n) for n in names]  # in order, each once
+
+
+@pytest.mark.parametrize("num_parts", [2, 5])
+def test_folder_parts_partition_the_files(corpus, num_parts):
+    from shards.sources import iter_sources
+
+    whole = [s.id for s in iter_sources([str(corpus)])]
+    parts = [[s.id for s in iter_sources([str(corpus)], (i, num_parts))] for i in range(num_parts)]
+    assert sorted(x for p in parts for x in p) == sorted(whole) and len(whole) == 62
+    assert all(parts)  # every part has some of the 62
+    for p in parts:  # each part keeps the walk's order
+        assert p == [x for x in whole if x in set(p)]
+
+
+def test_list_file_parts_build_resume_and_merge(photo_dir, tmp_path):
+    """Parts of a list file; part 1 is interrupted (stats of its last groups lost, a torn partial) and rerun."""
+    lst, expected = _list_file(tmp_path, photo_dir)
+    out = tmp_path / "out"
+    for i in range(3):
+        build_shards([str(lst)], out, _opts(part=(i, 3)))
+    part1 = sorted(out.glob("train-p0001-*"))
+    before = {p.name: p.read_bytes() for p in part1}
+    stats = sorted(out.glob("train-p0001-g*.stats.json"))
+    assert len(stats) >= 2
+    stats[-1].unlink()
+    (out / "train-p0001-000000.tar").touch()  # a kill can't do this, but a bad copy can: group 0 is redone
+    (out / ".train-p0001-000009.tar.partial").write_bytes(b"torn")
+    build_shards([str(lst)], out, _opts(part=(1, 3)))
+    assert {p.name: p.read_bytes() for p in sorted(out.glob("train-p0001-*"))} == before
+    assert not list(out.glob(".*partial"))
+    merged = merge_manifests([str(out)], out)
+    rejected = [r for p in out.glob("*.stats.json") for r in json.loads(p.read_text())["rejections"]]
+    assert sorted(r["source"] for r in rejected) == [p for p in expected if "missing" in p]
+    assert {r["reason"] for r in rejected} == {"unreadable"}
+    assert merged.options["inputs"] == 51 and merged.total_samples == 48 and len(set(_hashes(merged))) == 48
+
+
+def test_digests_in_stats_files_are_the_samples_hashes(whole):
+    """A group's binary digests (base64 in its stats file) are, in order, the hashes in its samples' JSON."""
+    groups = sorted(whole.glob("*.stats.json"))
+    assert len(groups) == 8
+    for path in groups:
+        stats = json.loads(path.read_text())
+        raw = decode_digests(stats["digests"])
+        hashes = [json.loads(sample["json"])["hash"] for shard in stats["shards"]
+                  for sample in wds.WebDataset(str(whole / shard["tar"]), shardshuffle=False)]
+        assert [raw[k:k + DIGEST_SIZE].hex() for k in range(0, len(raw), DIGEST_SIZE)] == hashes
+        assert len(hashes) == stats["accepted"]
 
 
 def test_labels_from_folders(photo_dir, tmp_path):
@@ -176,10 +336,12 @@ def test_labels_from_folders(photo_dir, tmp_path):
     assert verify_shards(tmp_path, dali=True).ok
 
 
-def test_byte_target_splits_a_group(photo_dir, tmp_path):
+def test_byte_target_splits_a_group_into_contiguous_names(photo_dir, tmp_path):
+    """Overflow shards take the next numbers: the manifest's one brace pattern reads every sample."""
     manifest = build_shards([str(photo_dir)], tmp_path, BuildOptions(samples_per_shard=16, max_shard_bytes=150_000,
                                                                       workers=1, progress=False))
     names = [s.tar for s in manifest.shards]
-    assert "train-000000-1.tar" in names and manifest.total_samples == 48
+    assert len(names) > 3 and names == [f"train-{k:06d}.tar" for k in range(len(names))]
+    assert manifest.total_samples == 48 and len(_hashes(manifest)) == 48
     assert all(s.bytes <= 150_000 for s in manifest.shards)
     assert verify_shards(tmp_path, dali=True).ok
