@@ -179,6 +179,22 @@ def test_ranks_yield_the_same_batches_when_a_shard_is_dropped(clean, tmp_path, c
     assert len(warnings) == 1  # said once, by rank 0: every rank reaches the same verdict
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_window_left_without_a_shard_reads_the_rest_of_the_pass(clean, tmp_path, capsys, backend):
+    # One shard per window (reader): the window whose only shard has a garbled index reads shards 0 and 2 instead.
+    root = damage.copy_corpus(clean, tmp_path / "shards")
+    _damage("garbled_index", root)
+    loader = build_train_loader(make_cfg(root, backend, window_shards=1), DistInfo())
+    try:
+        assert loader.windows_per_pass == 3 and loader.batches_per_pass == 6
+        for _ in range(loader.batches_per_pass + 1):
+            assert next(loader)[0].shape == (8, 3, 64, 64)
+        assert loader.pass_index == 1 and loader.bad_samples == 16
+    finally:
+        loader.close()
+    assert sum(line.startswith("warning:") for line in capsys.readouterr().err.splitlines()) == 1
+
+
 def test_a_corpus_without_a_readable_shard_is_a_one_line_error(clean, tmp_path):
     root = damage.copy_corpus(clean, tmp_path / "shards")
     for i in range(3):
