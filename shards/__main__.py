@@ -4,7 +4,7 @@
                            [--short-side 256] [--workers N] [--part i/n] [--labels-from-folders]
     python -m shards verify DIR [--no-dali]
     python -m shards stats DIR
-    python -m shards merge-manifests PART_DIRS... --out DIR
+    python -m shards merge-manifests PART_DIRS... --out DIR [--hash-prefix k/m]
 
 On a cluster, run ``build ... --part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT`` in every array task (all
 parts may share one --out directory), then ``merge-manifests`` once. Mistakes (missing input, unwritable output,
@@ -47,6 +47,9 @@ def build_parser() -> cli.ArgumentParser:
     merge = sub.add_parser("merge-manifests", help="join the manifests of --part runs (removes cross-part duplicates)")
     merge.add_argument("parts", nargs="+", metavar="PART", help="part output directories or part manifest files")
     merge.add_argument("--out", required=True, help="directory for the joined manifest.json")
+    merge.add_argument("--hash-prefix", default=None, metavar="K/M",
+                       help="only find the duplicates of hash slice k of m (holds 1/m of the digests) into "
+                            "--out/duplicates-*.json; run all m, then once without it (default: one process, all)")
     return parser
 
 
@@ -77,8 +80,13 @@ def _run(args: argparse.Namespace) -> int:
 
         print(format_summary(summarize(args.dir)))
     else:
-        from shards.merge import merge_manifests
+        from shards.merge import find_duplicates, merge_manifests, parse_slice
 
+        if args.hash_prefix:
+            found = find_duplicates(args.parts, args.out, parse_slice(args.hash_prefix))
+            print(f"slice {args.hash_prefix}: {found['digests']} digests, "
+                  f"{sum(map(len, found['duplicates'].values()))} cross-part duplicates -> {args.out}")
+            return 0
         manifest = merge_manifests(args.parts, args.out)
         print(f"merged {len(manifest.shards)} shards, {manifest.total_samples} samples -> {args.out}/manifest.json")
     return 0

@@ -91,6 +91,17 @@ def find_part_manifests(paths: list[str]) -> list[Path]:
     return list(dict.fromkeys(p.resolve() for p in found))
 
 
+def parse_slice(text: str) -> tuple[int, int]:
+    """``"3/16"`` -> (3, 16); raises ManifestError with a one-line message."""
+    try:
+        k, m = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ManifestError(f"--hash-prefix must look like k/m (e.g. 3/16), got {text!r}") from None
+    if not (m >= 1 and 0 <= k < m):
+        raise ManifestError(f"--hash-prefix must be k/m with 0 <= k < m, got {text!r}")
+    return k, m
+
+
 def find_duplicates(paths: list[str], out_dir: str | os.PathLike, hash_slice: tuple[int, int]) -> dict[str, Any]:
     """Compute the cross-part duplicates of one hash-prefix slice; write them to ``out_dir`` for the merge.
 

@@ -179,7 +179,10 @@ def test_merge_by_hash_prefix_slices_equals_the_merge_in_one_process(parts5, tmp
     shutil.copytree(parts5, one)
     shutil.copytree(parts5, sliced)
     merge_manifests([str(one)], one)
-    find_duplicates([str(sliced)], sliced, (1, 2))
+    from shards.__main__ import main
+
+    assert main(["merge-manifests", str(sliced), "--out", str(sliced), "--hash-prefix", "1/2"]) == 0
+    assert main(["merge-manifests", str(sliced), "--out", str(sliced), "--hash-prefix", "2/2"]) == 2
     with pytest.raises(ManifestError, match="1 of 2 duplicate slices.*K = 0"):
         merge_manifests([str(sliced)], sliced)
     slices = [find_duplicates([str(sliced)], sliced, (k, 2)) for k in (0, 1)]
