@@ -16,10 +16,10 @@ sample's data must be a tar header (valid checksum) giving the size the index gi
 is not are all headers read, and the index is foreign when most of them disagree (a few bad ones are
 corrupt headers). A check costs two ``stat`` calls, the index parse and a few 512-byte reads.
 
-:class:`ShardChecks` runs the checks for a loader: at start, every rank ``stat``s every shard and checks
-further the ones whose size differs from the manifest's or whose index is empty (so every rank reaches the
-same verdict, and the shard plan leaves out or shrinks what is damaged before it deals); when a reader is
-built, each shard it is dealt is checked once (the index parse catches what ``stat`` cannot).
+:class:`ShardChecks` runs the checks for a loader: at start, rank 0 ``stat``s every shard and checks further
+the ones whose size differs from the manifest's or whose index is empty, and every rank takes its verdicts (so
+the shard plan, the same on every rank, leaves out or shrinks what is damaged before it deals); when a reader
+is built, each shard it is dealt is checked once (the index parse catches what ``stat`` cannot).
 """
 
 from __future__ import annotations
@@ -207,15 +207,25 @@ class ShardChecks:
 
     Args:
         manifest: the data set as its manifest lists it.
+        survey: run the survey here (else :meth:`adopt` another rank's).
     """
 
-    def __init__(self, manifest: Manifest):
+    def __init__(self, manifest: Manifest, survey: bool = True):
         self.manifest = manifest
         self.samples_of = {str(manifest.tar_path(e)): e.samples for e in manifest.shards}  # what the manifest says
         self._checked: dict[str, ShardCheck] = {}
-        # The damaged shards the survey found, in manifest order.
-        self.at_start = [c for i in range(len(manifest.shards)) if suspicious(manifest, i)
-                         for c in [self.check(manifest.shards[i])] if c.damaged]
+        # The verdicts on the shards whose stat differs from the manifest, in manifest order.
+        self.surveyed = [self.check(e) for i, e in enumerate(manifest.shards) if survey and suspicious(manifest, i)]
+
+    @property
+    def at_start(self) -> list[ShardCheck]:
+        """The damaged shards the survey found, in manifest order."""
+        return [c for c in self.surveyed if c.damaged]
+
+    def adopt(self, surveyed: list[ShardCheck]) -> None:
+        """Take another rank's survey as this one's (rank 0's, broadcast: every rank then deals the same)."""
+        self.surveyed = list(surveyed)
+        self._checked.update({c.tar: c for c in surveyed})
 
     def check(self, entry: ShardEntry) -> ShardCheck:
         """The verdict on shard ``entry`` (checked on the first call only)."""

@@ -22,7 +22,7 @@ from pipeline.shard_check import check_shard
 from pipeline.torch_loader import indexed_samples
 from shards.manifest import ManifestError
 from shards.verify import verify_shards
-from tests.conftest import REPO, write_simple_shards
+from tests.conftest import REPO, run_torchrun, write_simple_shards
 from tests.faults import damage
 from tests.pipeline.helpers import BACKENDS, make_cfg
 
@@ -193,6 +193,20 @@ def test_a_window_left_without_a_shard_reads_the_rest_of_the_pass(clean, tmp_pat
     finally:
         loader.close()
     assert sum(line.startswith("warning:") for line in capsys.readouterr().err.splitlines()) == 1
+
+
+def test_ranks_of_a_process_group_deal_from_rank_0s_survey(clean, tmp_path):
+    # Real gloo ranks: rank 0 surveys, broadcasts its verdicts, and is the only one to count and say them.
+    root = damage.copy_corpus(clean, tmp_path / "shards")
+    _damage("zero_bytes", root)
+    proc = run_torchrun(Path(__file__).with_name("dist_worker_damaged.py"), nproc=2,
+                        args=[str(root), "dali", str(tmp_path)], timeout=240)
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [s["batches_per_pass"] for s in seen] == [4, 4] and [s["pass"] for s in seen] == [2, 2]
+    assert [s["bad"] for s in seen] == [16, 0] and all(s["shapes"] == [[4, 3, 64, 64]] for s in seen)
+    assert seen[0]["surveyed"] == seen[1]["surveyed"] == [str(root / f"{SHARD}.tar")]
+    said = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("warning:")]
+    assert len(said) == 1 and "empty file (0 bytes)" in said[0]
 
 
 def test_a_corpus_without_a_readable_shard_is_a_one_line_error(clean, tmp_path):
