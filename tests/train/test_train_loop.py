@@ -109,11 +109,11 @@ def test_wandb_offline_run_has_config_metrics_at_each_step_and_view_images(refer
     config, history = read_offline_run(offline)
     config = {k: v.get("value", v) if isinstance(v, dict) else v for k, v in config.items()}
     assert config["data"]["batch_size"] == 16 and config["model"]["arch"] == "resnet18"
-    loss_steps = [row["_step"] for row in history if "loss" in row]
+    loss_steps = [row["_step"] for row in history if "train/loss" in row]
     assert loss_steps == list(range(1, STEPS + 1))
-    image_steps = [row["_step"] for row in history if "views/_type" in row]
+    image_steps = [row["_step"] for row in history if "train/views/_type" in row]
     assert image_steps == [16, 32]
-    assert list((offline / "files" / "media" / "images").glob("views_*.png"))
+    assert list((offline / "files" / "media" / "images").rglob("views_*.png"))
 
 
 def test_resume_after_sigterm_is_exact(shard_dir, reference_run, tmp_path):

@@ -1,51 +1,24 @@
-"""Read an offline W&B run file (``run-<id>.wandb``) without a network: config and history records.
-
-The file is a LevelDB-style log (7-byte W&B header, 32 KiB blocks, records with a 7-byte header
-crc32/length/type and FULL/FIRST/MIDDLE/LAST chunks) of protobuf ``Record`` messages.
-"""
+"""Read an offline W&B run (``offline-run-*`` folder) for the tests: config, history rows and summary."""
 
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
-BLOCK = 32768
-FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
-
-
-def _payloads(data: bytes) -> list[bytes]:
-    pos, out, pending = 7, [], b""
-    while pos + 7 <= len(data):
-        left = BLOCK - pos % BLOCK
-        if left < 7:  # block trailer padding
-            pos += left
-            continue
-        _crc, length, rtype = struct.unpack("<IHB", data[pos:pos + 7])
-        payload = data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if rtype == FULL:
-            out.append(payload)
-        elif rtype == FIRST:
-            pending = payload
-        elif rtype == MIDDLE:
-            pending += payload
-        elif rtype == LAST:
-            out.append(pending + payload)
-        elif rtype == 0:
-            pos += left - 7 - length
-    return out
+from training.wandb_offline import read_records
 
 
 def read_offline_run(run_dir: Path) -> tuple[dict, list[dict]]:
     """Return (config, history rows) of the offline run in ``run_dir`` (the ``offline-run-*`` folder)."""
-    from wandb.proto import wandb_internal_pb2
+    config, history, _ = read_offline_run_with_summary(run_dir)
+    return config, history
 
+
+def read_offline_run_with_summary(run_dir: Path) -> tuple[dict, list[dict], dict]:
+    """Return (config, history rows, summary) of the offline run in ``run_dir``; nested keys are joined with '/'."""
     (path,) = list(Path(run_dir).glob("run-*.wandb"))
-    config, history = {}, []
-    for payload in _payloads(path.read_bytes()):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(payload)
+    config, history, summary = {}, [], {}
+    for record in read_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             for item in record.run.config.update:
@@ -59,4 +32,7 @@ def read_offline_run(run_dir: Path) -> tuple[dict, list[dict]]:
                 key = item.key or "/".join(item.nested_key)
                 row[key] = json.loads(item.value_json)
             history.append(row)
-    return config, history
+        elif kind == "summary":
+            for item in record.summary.update:
+                summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return config, history, summary
