@@ -6,6 +6,22 @@ SGD lr 30, momentum 0.9, weight decay 0 for 100 epochs, lr x0.1 at epochs 60 and
 flip for training, resize 256 + center crop 224 for validation; top-1 / top-5 on the validation set. A hash of
 the backbone's parameters and buffers before and after proves it did not change.
 
+Two presets (``--protocol``), each value overridable by its own flag:
+
+* ``imagenet`` (default): the paper's numbers above. lr 30 suits MoCo's ImageNet ResNet-50 features, which are
+  small in scale (the paper's sec. 4.1 remark); it is far too large for most other features.
+* ``small``: for the short, low-resolution runs this project demonstrates (thousands of images, tens of pixels):
+  30 epochs (lr x0.1 at 18 and 24), crops at the checkpoint's pre-training ``crop_size``, and an lr scaled to the
+  features: 1 / mean squared feature norm, measured on the first batch. Why: the cross-entropy of a linear
+  classifier has curvature at most half the features' second moment (``lambda_max <= E|x|^2 / 2``) and SGD with
+  momentum mu is stable for ``lr * lambda_max < 2 (1 + mu)``, so ``lr = 1 / E|x|^2`` sits ~8x inside the limit
+  whatever the feature scale.
+
+A diverging probe stops with a one-line error: the loss (averaged over ranks, read every ``print_every`` steps and
+at each epoch end) turned non-finite or rose above 3x its first value; the message gives the stable lr for the
+measured features. With ``--wandb-mode offline`` (default) or ``online`` the loss, lr, top-1/top-5 and the config go
+to W&B (job type ``linear-eval``); ``offline`` and ``disabled`` need no account or network.
+
 Launch:
     python -m eval.linear --checkpoint runs/r50/checkpoints/step-000500000.pt \\
         --train data/imagenet_train_shards --val data/imagenet_val_shards --out runs/r50/linear     # one device
@@ -20,6 +36,7 @@ image folder ``root/<class>/<image>``. Prints top-1/top-5 and, with --out, write
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -37,7 +54,7 @@ import cli
 import distributed
 from cli import ConfigError
 from cli import option as _f
-from eval.export import CheckpointError, load_backbone
+from eval.export import CheckpointError, load_backbone, load_checkpoint
 from eval.knn import pooled_features
 from eval.labelled_data import (
     LabelledImages,
@@ -57,15 +74,24 @@ class LinearEvalConfig:
     train: str = _f("", "Labelled training set: shard manifest with .cls labels, or an image folder root/<class>/<img>.")
     val: str = _f("", "Labelled validation set (same classes as train).")
     arch: str = _f("", "torchvision architecture; empty: the one recorded in the checkpoint.")
-    epochs: int = _f(100, "Training epochs. 100 as in MoCo.")
-    lr: float = _f(30.0, "SGD learning rate. 30 as in MoCo (features are unnormalised and small-scaled).")
+    protocol: Literal["imagenet", "small"] = _f(
+        "imagenet", "Preset for the values left at 0 below: imagenet (MoCo's ImageNet protocol: lr 30, 100 epochs, "
+        "224 px) or small (short low-resolution runs such as the demo: lr 1 / mean squared feature norm, 30 epochs, "
+        "the checkpoint's crop size). The module docstring says why.")
+    epochs: int = _f(0, "Training epochs. 0: the protocol's (imagenet 100 as in MoCo; small 30).")
+    lr: float = _f(0.0, "SGD learning rate. 0: the protocol's (imagenet 30 as in MoCo, for its small-scaled "
+                        "features; small 1 / mean squared feature norm, ~1/8 of SGD's stability limit).")
     momentum: float = _f(0.9, "SGD momentum. 0.9 as in MoCo.")
     weight_decay: float = _f(0.0, "Weight decay. 0 as in MoCo.")
-    milestones: list[int] = _f([60, 80], "Epochs at which lr is multiplied by 0.1. 60, 80 as in MoCo.")
+    milestones: list[int] = _f([], "Epochs at which lr is multiplied by 0.1. Empty: the protocol's (imagenet 60, 80 "
+                                   "as in MoCo; otherwise 60 and 80 percent of the epochs).")
     batch_size: int = _f(256, "GLOBAL batch size over all ranks. 256 as in MoCo.")
-    train_crop: int = _f(224, "RandomResizedCrop size for training. 224 as in MoCo.")
-    val_resize: int = _f(256, "Resize (short side) before the validation center crop. 256 as in MoCo.")
-    val_crop: int = _f(224, "Validation center-crop size. 224 as in MoCo.")
+    train_crop: int = _f(0, "RandomResizedCrop size for training. 0: the protocol's (imagenet 224 as in MoCo; small "
+                            "the checkpoint's pre-training crop_size).")
+    val_resize: int = _f(0, "Resize (short side) before the validation center crop. 0: the protocol's (imagenet 256 "
+                            "as in MoCo; small val_crop / 0.875).")
+    val_crop: int = _f(0, "Validation center-crop size. 0: the protocol's (imagenet 224 as in MoCo; small the "
+                          "checkpoint's crop_size).")
     workers: int = _f(8, "DataLoader worker processes per rank (0: decode in the training process).")
     device: Literal["auto", "cuda", "cpu"] = _f("auto", "Device. auto: CUDA when available.")
     seed: int = _f(0, "Seed for the classifier init and the data order.")
@@ -75,23 +101,99 @@ class LinearEvalConfig:
     dist_timeout_s: float = _f(600.0, "Collective timeout in seconds.")
     torch_threads: int = _f(0, "torch intra-op CPU threads per rank. 0: the usable cores / ranks on this node, less "
                                "the decode workers, at least 1.")
+    wandb_mode: Literal["online", "offline", "disabled"] = _f(
+        "offline", "W&B mode. offline (files under --out, else ./wandb) and disabled need no account or network.")
+    wandb_project: str = _f("moco", "W&B project name.")
+    wandb_entity: str = _f("", "W&B entity (team); empty: your default.")
+    wandb_name: str = _f("", "W&B run name; empty: W&B's generated name.")
+    wandb_tags: list[str] = _f([], "W&B run tags.")
+    wandb_group: str = _f("", "W&B group, e.g. the pre-training run's name, to see the probe next to it.")
+    wandb_notes: str = _f("", "W&B run notes.")
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "train_crop", "val_resize", "val_crop", "print_every"):
+        for name in ("batch_size", "print_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"linear.{name} must be > 0; got {getattr(self, name)}")
-        for name in ("lr", "dist_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"linear.{name} must be > 0; got {getattr(self, name)}")
-        for name in ("weight_decay", "workers", "max_steps", "torch_threads"):
+        if not self.dist_timeout_s > 0:
+            raise ConfigError(f"linear.dist_timeout_s must be > 0; got {self.dist_timeout_s}")
+        if not (self.lr >= 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"linear.lr must be > 0 (or 0: the protocol's); got {self.lr}")
+        for name in ("weight_decay", "workers", "max_steps", "torch_threads", "epochs", "train_crop", "val_resize",
+                     "val_crop"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"linear.{name} must be >= 0; got {getattr(self, name)}")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"linear.momentum must be in [0, 1); got {self.momentum}")
         if list(self.milestones) != sorted(self.milestones) or any(m <= 0 for m in self.milestones):
             raise ConfigError(f"linear.milestones must be increasing positive epochs; got {self.milestones}")
-        if self.val_crop > self.val_resize:
+        if self.val_crop and self.val_resize and self.val_crop > self.val_resize:
             raise ConfigError(f"linear.val_crop ({self.val_crop}) must not exceed val_resize ({self.val_resize})")
+
+
+# The MoCo paper's ImageNet protocol (sec. 4.1, main_lincls.py) and the preset for small runs (module docstring).
+PROTOCOLS = {
+    "imagenet": {"lr": 30.0, "epochs": 100, "milestones": [60, 80], "train_crop": 224, "val_resize": 256, "val_crop": 224},
+    "small": {"lr": 0.0, "epochs": 30},
+}
+DIVERGENCE_FACTOR = 3.0  # the loss starts near ln(classes) (fc ~ N(0, 0.01)); a sound probe never triples it
+
+
+class LinearEvalDiverged(ConfigError):
+    """The probe's loss turned non-finite or grew far above its start: the lr is too large for these features."""
+
+
+def resolve_protocol(cfg: LinearEvalConfig, checkpoint_crop: int | None = None) -> LinearEvalConfig:
+    """``cfg`` with every value left at 0 / empty taken from ``cfg.protocol``'s preset.
+
+    Args:
+        cfg: the linear-evaluation config.
+        checkpoint_crop: the pre-training ``data.crop_size`` recorded in the checkpoint (``small`` crops at it).
+
+    Returns:
+        The resolved config; ``lr`` stays 0 under ``small`` (set from the features' norm on the first batch).
+
+    Raises:
+        ConfigError: ``small`` without a crop size in the checkpoint or on the command line.
+    """
+    preset = dict(PROTOCOLS[cfg.protocol])
+    if cfg.protocol == "small":
+        crop = cfg.val_crop or cfg.train_crop or checkpoint_crop
+        if not crop:
+            raise ConfigError("--protocol small crops at the checkpoint's crop_size, and it records none: "
+                              "pass --train-crop and --val-crop")
+        preset.update(train_crop=crop, val_crop=crop, val_resize=round((cfg.val_crop or crop) / 0.875))
+    epochs = cfg.epochs or preset["epochs"]
+    if cfg.milestones:
+        milestones = list(cfg.milestones)
+    elif cfg.protocol == "imagenet" and epochs == 100:
+        milestones = preset["milestones"]
+    else:
+        milestones = [max(1, round(0.6 * epochs)), max(1, round(0.8 * epochs))]
+    out = dataclasses.replace(cfg, lr=cfg.lr or preset["lr"], epochs=epochs, milestones=milestones,
+                              **{k: getattr(cfg, k) or preset[k] for k in ("train_crop", "val_resize", "val_crop")})
+    if out.val_crop > out.val_resize:
+        raise ConfigError(f"linear.val_crop ({out.val_crop}) must not exceed val_resize ({out.val_resize})")
+    return out
+
+
+def stable_lr_limit(mean_sq_norm: float, momentum: float) -> float:
+    """Largest lr at which heavy-ball SGD stays stable on a linear softmax probe (quadratic model of the loss).
+
+    The cross-entropy Hessian is ``E[(diag(p) - p p^T) (x) x x^T]``, whose largest eigenvalue is at most
+    ``E|x|^2 / 2``; SGD with momentum mu is stable when ``lr * lambda_max < 2 (1 + mu)``.
+    """
+    return 4.0 * (1.0 + momentum) / max(mean_sq_norm, 1e-12)
+
+
+def check_divergence(loss: float, start: float, step: int, lr: float, mean_sq_norm: float, momentum: float) -> None:
+    """Raise :class:`LinearEvalDiverged`, one line saying what to change, if ``loss`` is non-finite or > 3x ``start``."""
+    if math.isfinite(loss) and loss <= DIVERGENCE_FACTOR * start:
+        return
+    limit = stable_lr_limit(mean_sq_norm, momentum)
+    raise LinearEvalDiverged(
+        f"linear eval diverged: loss {loss:.4g} at step {step} (started at {start:.3g}); lr {lr:.4g} is too large for "
+        f"these features (mean squared norm {mean_sq_norm:.3g}; SGD is stable below lr ~{limit:.3g}): pass "
+        f"--protocol small (lr = 1 / mean squared norm = {1 / max(mean_sq_norm, 1e-12):.3g}) or --lr {limit / 8:.2g}")
 
 
 def state_hash(module: torch.nn.Module) -> str:
@@ -118,9 +220,9 @@ def freeze(backbone: torch.nn.Module) -> torch.nn.Module:
     return backbone.eval()
 
 
-def step_lr(epoch: int, cfg: LinearEvalConfig) -> float:
-    """lr x 0.1 for every milestone epoch already reached."""
-    return cfg.lr * 0.1 ** sum(epoch >= m for m in cfg.milestones)
+def step_lr(epoch: int, cfg: LinearEvalConfig, base_lr: float | None = None) -> float:
+    """``base_lr`` (default ``cfg.lr``) x 0.1 for every milestone epoch already reached."""
+    return (cfg.lr if base_lr is None else base_lr) * 0.1 ** sum(epoch >= m for m in cfg.milestones)
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
@@ -159,27 +261,33 @@ def evaluate_linear(backbone: torch.nn.Module, classifier: torch.nn.Module, data
     return {"top1": 100 * top1 / total, "top5": 100 * top5 / total, "val_samples": int(total), "val_bad": int(bad)}
 
 
-def run_linear_eval(cfg: LinearEvalConfig, dist: distributed.DistInfo,
-                    backbone: torch.nn.Module | None = None) -> tuple[dict[str, float | int | str], torch.nn.Linear]:
+def run_linear_eval(cfg: LinearEvalConfig, dist: distributed.DistInfo, backbone: torch.nn.Module | None = None,
+                    wandb_run=None) -> tuple[dict[str, float | int | str], torch.nn.Linear]:
     """Train and evaluate the linear probe.
 
     Args:
-        cfg: the linear-evaluation config.
+        cfg: the linear-evaluation config (values left at 0 are resolved from ``cfg.protocol``).
         dist: this process's DistInfo (``setup_distributed`` already called).
         backbone: a module mapping N x 3 x H x W to pooled N x D features; default: built from ``cfg.checkpoint``.
+        wandb_run: a W&B run to log the loss, lr and top-1/top-5 to (rank 0), or None.
 
     Returns:
-        The metrics (top1, top5 in percent, steps, sample counts, backbone_sha256, seconds; identical on every
-        rank) and the trained classifier.
+        The metrics (top1, top5 in percent, steps, sample counts, the lr used, the features' mean squared norm,
+        backbone_sha256, seconds; identical on every rank) and the trained classifier.
 
     Raises:
         CheckpointError, LabelledSetError: unusable checkpoint or data (one line).
+        LinearEvalDiverged: the loss turned non-finite or tripled (one line saying what to change).
         RuntimeError: the backbone changed during training (it must not).
     """
     device = dist.device
     torch.manual_seed(cfg.seed)
+    checkpoint_crop = None
     if backbone is None:
-        backbone = load_backbone(cfg.checkpoint, cfg.arch or None)
+        state, saved_config = load_checkpoint(cfg.checkpoint)
+        checkpoint_crop = (saved_config.get("data") or {}).get("crop_size")
+        backbone = load_backbone({"model": state, "config": saved_config}, cfg.arch or None)
+    cfg = resolve_protocol(cfg, checkpoint_crop)
     backbone = freeze(backbone.to(device))
     hash_before = state_hash(backbone)
 
@@ -208,11 +316,10 @@ def run_linear_eval(cfg: LinearEvalConfig, dist: distributed.DistInfo,
                                          drop_last=False, persistent_workers=cfg.workers > 0)
     step, train_bad, start = 0, 0, time.perf_counter()
     total_steps = cfg.max_steps or cfg.epochs * len(loader)
-    loss_sum = torch.zeros((), device=device)
+    base_lr, mean_sq_norm, start_loss = cfg.lr, math.nan, math.nan
+    window = torch.zeros(2, device=device)  # loss sum, steps since the last check
     for epoch in range(math.ceil(total_steps / len(loader))):
         sampler.set_epoch(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = step_lr(epoch, cfg)
         trained.train()  # the classifier only; the backbone stays in eval mode
         for images, labels, bad in loader:
             train_bad += bad
@@ -222,19 +329,36 @@ def run_linear_eval(cfg: LinearEvalConfig, dist: distributed.DistInfo,
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with torch.no_grad():
                 feats = pooled_features(backbone, images) if images.shape[0] else torch.zeros(0, feature_dim, device=device)
+            if step == 0:
+                # The features' scale, once (one host sync): it sets the small protocol's lr and the divergence hint.
+                stats = distributed.all_reduce_sum(torch.stack([feats.float().pow(2).sum(), torch.tensor(
+                    float(feats.shape[0]), device=device)]))
+                mean_sq_norm = (stats[0] / stats[1].clamp(min=1)).item()
+                base_lr = base_lr or 1.0 / max(mean_sq_norm, 1e-12)
+            for group in optimizer.param_groups:
+                group["lr"] = step_lr(epoch, cfg, base_lr)
             logits = trained(feats)
             loss = F.cross_entropy(logits, labels, reduction="sum") / max(labels.shape[0], 1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.detach()
+            window += torch.stack([loss.detach(), torch.ones((), device=device)])
             step += 1
-            if step % cfg.print_every == 0 and dist.is_main:
-                # Reading the loss syncs the host: only every print_every steps.
-                print(f"epoch {epoch} step {step}/{total_steps} loss {loss_sum.item() / cfg.print_every:.4f} "
-                      f"lr {optimizer.param_groups[0]['lr']:.4g} {time.perf_counter() - start:.0f}s", flush=True)
-                loss_sum.zero_()
-            if step >= total_steps:
+            last = step >= total_steps
+            if step == 1 or step % cfg.print_every == 0 or step % len(loader) == 0 or last:
+                # Reading the loss syncs the host: only at these checks (first step, every print_every, epoch ends).
+                loss_sum, n = distributed.all_reduce_sum(window).tolist()
+                mean_loss = loss_sum / max(n, 1)  # n counts every rank's steps
+                window.zero_()
+                start_loss = mean_loss if step == 1 else start_loss
+                lr_now = optimizer.param_groups[0]["lr"]
+                if dist.is_main and wandb_run is not None:
+                    wandb_run.log({"train/loss": mean_loss, "train/lr": lr_now, "train/epoch": epoch}, step=step)
+                check_divergence(mean_loss, start_loss, step, lr_now, mean_sq_norm, cfg.momentum)
+                if dist.is_main and (step % cfg.print_every == 0 or last):
+                    print(f"epoch {epoch} step {step}/{total_steps} loss {mean_loss:.4f} lr {lr_now:.4g} "
+                          f"{time.perf_counter() - start:.0f}s", flush=True)
+            if last:
                 break
 
     result = evaluate_linear(backbone, classifier, val_set, per_rank, cfg.workers, device)
@@ -242,8 +366,11 @@ def run_linear_eval(cfg: LinearEvalConfig, dist: distributed.DistInfo,
     if hash_after != hash_before:
         raise RuntimeError(f"the backbone changed during linear evaluation ({hash_before[:12]} -> {hash_after[:12]})")
     result.update(steps=step, train_samples=len(train_set), train_bad=int(distributed.all_reduce_sum(
-        torch.tensor(float(train_bad), device=device)).item()), backbone_sha256=hash_after,
-        seconds=time.perf_counter() - start)
+        torch.tensor(float(train_bad), device=device)).item()), lr=base_lr, feature_mean_sq_norm=mean_sq_norm,
+        protocol=cfg.protocol, backbone_sha256=hash_after, seconds=time.perf_counter() - start)
+    if dist.is_main and wandb_run is not None:
+        wandb_run.log({"eval/top1": result["top1"], "eval/top5": result["top5"]}, step=step)
+        wandb_run.summary.update({k: v for k, v in result.items() if isinstance(v, (int, float, str))})
     return result, classifier
 
 
@@ -253,9 +380,21 @@ def linear_eval(cfg: LinearEvalConfig) -> dict:
         if not getattr(cfg, name):
             raise ConfigError(f"--{name} is required")
     dist = distributed.setup_distributed(cfg.device, cfg.dist_timeout_s)
+    wandb_run = None
     try:
-        result, classifier = run_linear_eval(cfg, dist)
+        if dist.is_main:
+            from training.telemetry import start_wandb
+
+            if cfg.out:
+                Path(cfg.out).mkdir(parents=True, exist_ok=True)
+
+            wandb_run = start_wandb(cfg.wandb_mode, cfg.wandb_project, dataclasses.asdict(cfg), cfg.out or None,
+                                    entity=cfg.wandb_entity, name=cfg.wandb_name, tags=cfg.wandb_tags,
+                                    group=cfg.wandb_group, notes=cfg.wandb_notes, job_type="linear-eval")
+        result, classifier = run_linear_eval(cfg, dist, wandb_run=wandb_run)
     finally:
+        if wandb_run is not None:
+            wandb_run.finish()
         distributed.teardown_distributed()
     if dist.is_main:
         print(f"linear eval: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "

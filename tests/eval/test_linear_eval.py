@@ -10,12 +10,16 @@ import torch
 import torchvision
 
 import eval.linear as linear_eval_lib
+from cli import ConfigError
 from distributed import DistInfo
 from eval.labelled_data import LabelledImages, eval_transform
 from eval.linear import (
     LinearEvalConfig,
+    LinearEvalDiverged,
     build_linear_classifier,
+    resolve_protocol,
     run_linear_eval,
+    stable_lr_limit,
     state_hash,
     step_lr,
     topk_correct,
@@ -67,21 +71,41 @@ def test_probe_learns_and_backbone_is_bit_identical(digits_folders):
     assert classifier.weight.shape == (10, 512)
 
 
+def test_imagenet_lr_diverges_with_a_hint_and_small_protocol_learns(digits_folders):
+    """lr 30 (MoCo's, for its small-scaled ImageNet features) on a random ResNet-18's features blows up (the issue saw
+    loss 62695 without a word); the divergence check stops it, and --protocol small's lr learns on the same features."""
+    backbone = calibrated_backbone(digits_folders["train"], seed=0)
+    with pytest.raises(LinearEvalDiverged, match=r"diverged: loss .* lr 30 is too large .* pass --protocol small"):
+        run_linear_eval(small_cfg(digits_folders, lr=30.0, max_steps=20), DistInfo(), backbone=backbone)
+    result, _ = run_linear_eval(small_cfg(digits_folders, protocol="small", max_steps=40), DistInfo(), backbone=backbone)
+    assert result["top1"] > 20.0 and result["lr"] == pytest.approx(1 / result["feature_mean_sq_norm"])
+
+
 def test_changed_backbone_is_detected(digits_folders, monkeypatch):
     """Without eval mode, BN running statistics drift with every batch: the final hash check must refuse the result."""
     monkeypatch.setattr(linear_eval_lib, "freeze", lambda b: b.requires_grad_(False))  # forgets .eval()
     backbone = calibrated_backbone(digits_folders["train"], seed=0).train()
     with pytest.raises(RuntimeError, match="backbone changed"):
-        run_linear_eval(small_cfg(digits_folders, max_steps=2), DistInfo(), backbone=backbone)
+        run_linear_eval(small_cfg(digits_folders, max_steps=2, lr=0.003), DistInfo(), backbone=backbone)
 
 
 def test_protocol_pieces():
     torch.manual_seed(0)
     fc = build_linear_classifier(2048, 1000)
     assert fc.bias.abs().max() == 0 and abs(fc.weight.std().item() - 0.01) < 2e-4 and abs(fc.weight.mean()) < 1e-4
-    cfg = LinearEvalConfig()
+    cfg = resolve_protocol(LinearEvalConfig())  # the default is MoCo's ImageNet protocol
     assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.epochs, cfg.milestones) == (30.0, 0.9, 0.0, 100, [60, 80])
+    assert (cfg.batch_size, cfg.train_crop, cfg.val_resize, cfg.val_crop) == (256, 224, 256, 224)
     assert [step_lr(e, cfg) for e in (0, 59, 60, 79, 80, 99)] == pytest.approx([30, 30, 3, 3, 0.3, 0.3])
+    small = resolve_protocol(LinearEvalConfig(protocol="small"), checkpoint_crop=48)
+    assert (small.lr, small.epochs, small.milestones, small.train_crop, small.val_resize, small.val_crop) == (
+        0.0, 30, [18, 24], 48, 55, 48)  # lr 0: 1 / mean squared feature norm, measured on the first batch
+    explicit = resolve_protocol(LinearEvalConfig(protocol="small", lr=0.5, epochs=10, val_crop=32), checkpoint_crop=48)
+    assert (explicit.lr, explicit.milestones, explicit.train_crop, explicit.val_crop) == (0.5, [6, 8], 32, 32)
+    with pytest.raises(ConfigError, match="records none"):
+        resolve_protocol(LinearEvalConfig(protocol="small"))
+    # Heavy-ball SGD on a quadratic with curvature E|x|^2 / 2 is stable below 2 (1 + mu) / (E|x|^2 / 2).
+    assert stable_lr_limit(4.0, 0.9) == pytest.approx(1.9)
     logits = torch.tensor([[0.1, 0.9, 0.0, 0.3, 0.2, 0.5, 0.4], [0.9, 0.1, 0.8, 0.7, 0.6, 0.5, 0.0]])
     # row 0: label 1 is top-1; row 1: label 5 is 5th (in top-5, not top-1); plain reference by sorting.
     assert topk_correct(logits, torch.tensor([1, 5])).tolist() == [1.0, 2.0]
@@ -92,10 +116,19 @@ def test_script_with_checkpoint_and_bad_input(digits_folders, tmp_path, capsys):
     moco_checkpoint(tmp_path / "ckpt.pt", train_steps=1)
     args = ["--train", str(digits_folders["train"]), "--val", str(digits_folders["val"]), "--batch-size", "32",
             "--train-crop", "32", "--val-resize", "32", "--val-crop", "32", "--workers", "0", "--device", "cpu",
-            "--max-steps", "2", "--lr", "0.001"]
-    linear_eval_lib.main(["--checkpoint", str(tmp_path / "ckpt.pt"), *args, "--out", str(tmp_path / "out")])
+            "--max-steps", "2", "--protocol", "small", "--wandb-mode", "disabled"]
+    linear_eval_lib.main(["--checkpoint", str(tmp_path / "ckpt.pt"), *args, "--out", str(tmp_path / "out"),
+                          "--wandb-mode", "offline", "--wandb-name", "probe", "--wandb-tags", "demo"])
     saved = json.loads((tmp_path / "out" / "linear_eval.json").read_text())
     assert saved["steps"] == 2 and saved["config"]["max_steps"] == 2 and "top-1" in capsys.readouterr().out
+    import wandb
+    from tests.train.wandb_offline import read_offline_run_with_summary
+
+    wandb.teardown()  # the service writes the offline run file completely when it stops
+    (offline,) = list((tmp_path / "out" / "wandb").glob("offline-run-*"))
+    _, history, summary = read_offline_run_with_summary(offline)
+    assert [row["_step"] for row in history if "train/loss" in row] == [1, 2]
+    assert summary["eval/top1"] == saved["top1"] and summary["protocol"] == "small"
     assert torch.load(tmp_path / "out" / "classifier.pt", weights_only=True)["weight"].shape == (10, 512)
     (tmp_path / "corrupt.pt").write_bytes(b"PK\x03\x04 truncated")
     (tmp_path / "empty" / "a").mkdir(parents=True)
@@ -119,9 +152,11 @@ def test_linear_eval_under_torchrun(digits_folders, tmp_path):
     run_torchrun("eval.linear", 2, torchrun_args=["--module"], args=[
         "--checkpoint", str(tmp_path / "ckpt.pt"), "--train", str(digits_folders["train"]), "--val",
         str(digits_folders["val"]), "--batch-size", "32", "--train-crop", "32", "--val-resize", "32", "--val-crop", "32",
-        "--workers", "0", "--device", "cpu", "--max-steps", "3", "--lr", "0.001", "--out", str(tmp_path / "out")])
+        "--workers", "0", "--device", "cpu", "--max-steps", "3", "--protocol", "small", "--out", str(tmp_path / "out"),
+        "--wandb-mode", "disabled"])
     result = json.loads((tmp_path / "out" / "linear_eval.json").read_text())
     assert result["steps"] == 3 and result["val_samples"] == 100  # each rank half of the val set, summed exactly
-    single, _ = run_linear_eval(small_cfg(digits_folders, checkpoint=str(tmp_path / "ckpt.pt"), max_steps=1),
+    single, _ = run_linear_eval(small_cfg(digits_folders, checkpoint=str(tmp_path / "ckpt.pt"), max_steps=1,
+                                          protocol="small"),
                                 DistInfo())
     assert single["backbone_sha256"] == result["backbone_sha256"]
