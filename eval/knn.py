@@ -99,6 +99,12 @@ class KnnMonitor:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.last: KnnResult | None = None
 
+    @property
+    def chance_top1(self) -> float:
+        """Top-1 (percent) of always guessing the query set's most frequent class: the level a kNN result must beat."""
+        counts = torch.bincount(self.queries.targets, minlength=self.queries.num_classes)
+        return 100.0 * counts.max().item() / max(len(self.queries), 1)
+
     @torch.no_grad()
     def embed(self, backbone: torch.nn.Module, dataset: LabelledImages) -> tuple[torch.Tensor, torch.Tensor, int]:
         """This rank's share of ``dataset`` as L2-normalised features.

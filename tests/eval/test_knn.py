@@ -84,6 +84,7 @@ def test_monitor_end_to_end_on_digits(digits_folders, digits_shards):
     assert backbone.training  # mode restored
     assert monitor.last.num_queries == 100 and monitor.last.num_reference == 300 and monitor.last.bad_samples == 0
     # Even random ResNet features of digits carry class information (pixels are informative); far above 10% chance.
+    assert monitor.chance_top1 == 10.0  # 10 queries per class: a constant guess gets 10 %
     assert 30.0 < top1 <= 100.0
     # The monitor's number is the plain kNN computed by hand from the same features.
     with torch.no_grad():

@@ -22,14 +22,13 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from PIL import Image
 
 import config as config_lib
 from distributed import DistInfo
+from eval.digits import held_out_split, scattered_digits
 from eval.knn import build_knn_monitor
 from model import MoCo, lr_at, momentum_at
 from model.encoder import Encoder, MoCoProjectionHead
@@ -63,22 +62,6 @@ SEED = 0
 MARGIN = 3.0  # percentage points at k=200
 
 
-def scattered_digits(size: int = SIZE, seed: int = 0) -> tuple[list[Image.Image], np.ndarray]:
-    """scikit-learn's digits, each at a random scale (50-100 % of the frame) and position on a black ``size`` px canvas."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    rng = np.random.default_rng(seed)
-    images = []
-    for pixels in digits.images:
-        side = int(round(size * rng.uniform(0.5, 1.0)))
-        digit = Image.fromarray((pixels * (255 / 16)).astype(np.uint8), "L").resize((side, side), Image.BILINEAR)
-        canvas = Image.new("L", (size, size))
-        canvas.paste(digit, (int(rng.integers(0, size - side + 1)), int(rng.integers(0, size - side + 1))))
-        images.append(canvas.convert("RGB"))
-    return images, digits.target.astype(int)
-
-
 def small_encoder(width: int = 32, dim: int = 128, hidden_dim: int = 512) -> Encoder:
     """Six 3x3 conv-BN-ReLU layers (stride 2 before each width doubling), global average pool, MoCo v2 head."""
     layers: list[nn.Module] = []
@@ -92,9 +75,8 @@ def small_encoder(width: int = 32, dim: int = 128, hidden_dim: int = 512) -> Enc
 
 def write_digit_sets(root: Path) -> tuple[Path, Path]:
     """Labelled shards: ``val`` (the first 50 digits of each class) and ``train`` (the other 1297)."""
-    images, labels = scattered_digits()
-    val = [i for c in range(10) for i in np.flatnonzero(labels == c)[:VAL_PER_CLASS]]
-    train = sorted(set(range(len(labels))) - set(val))
+    images, labels = scattered_digits(SIZE)
+    train, val = held_out_split(labels, VAL_PER_CLASS)
     return (write_labelled_shards(root / "train", images, labels, train, per_shard=64),
             write_labelled_shards(root / "val", images, labels, val, per_shard=64))
 
