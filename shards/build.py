@@ -33,6 +33,7 @@ from typing import Any
 import PIL
 from PIL import Image
 
+from shards import storage
 from shards.convert import ConvertOptions, Rejected, configure_pillow, convert_image
 from shards.digests import DigestSet, decode_digests, encode_digests
 from shards.groups import (
@@ -40,11 +41,13 @@ from shards.groups import (
     input_digest,
     is_writable_dir,
     namespace,
+    publish_shards,
     read_group_stats,
     remove_after,
     shard_entries,
     shard_stem,
     shards_present,
+    staging_dir,
     stats_name,
     stats_payload,
     write_group_stats,
@@ -156,7 +159,8 @@ def build_shards(inputs: list[str], out_dir: str | os.PathLike, options: BuildOp
             later, when ``out_dir`` holds shards made with other options or from other inputs.
     """
     options.validate()
-    out = Path(out_dir)
+    storage.check_url(out_dir)  # "s3:/bucket" (a URL through Path) or ftp:// is an error, never a local folder
+    out = out_dir if storage.is_url(out_dir) else Path(out_dir)  # s3://bucket/prefix: shards uploaded as they close
     inputs = list(inputs)
     check_inputs(inputs, options.labels_from_folders)
     reason = is_writable_dir(out)
@@ -202,7 +206,7 @@ def build_shards(inputs: list[str], out_dir: str | os.PathLike, options: BuildOp
         manifest_options["part"] = f"{options.part[0]}/{options.part[1]}"
     manifest = Manifest(shards=tally.entries, prefix=options.prefix, options=manifest_options, classes=classes,
                         root=out)
-    write_json_atomic(out / part_manifest_name(options.part), manifest.to_json())
+    write_json_atomic(storage.join(out, part_manifest_name(options.part)), manifest.to_json())
     accepted = manifest.total_samples
     print(f"shards: {accepted} accepted, {tally.inputs - accepted} rejected "
           f"({', '.join(f'{k} {v}' for k, v in sorted(tally.rejected.items())) or 'none'}) -> "
@@ -232,7 +236,7 @@ class _Tally:
 
 def _refuse_merged_set(out: Path) -> None:
     try:
-        options = json.loads((out / MANIFEST_NAME).read_text()).get("options", {})
+        options = json.loads(storage.read_text(storage.join(out, MANIFEST_NAME))).get("options", {})
     except (OSError, ValueError, AttributeError):
         return
     if "parts" in options:
@@ -249,7 +253,7 @@ def _keep_complete_groups(out: Path, ns: str, options: BuildOptions, sources: It
         stats = read_group_stats(out, ns, group)
         if stats is None:
             return group, seq
-        path = out / stats_name(ns, group)
+        path = storage.join(out, stats_name(ns, group))
         if stats.get("options") != recorded:
             raise BuildError(f"{path} was built with other options ({stats.get('options')}); use a new --out")
         names = [shard_stem(ns, seq + k) for k in range(len(stats.get("shards", [])))]
@@ -268,7 +272,7 @@ class _OpenGroup:
 
     def __init__(self, out: Path, ns: str, group: int, seq: int, options: BuildOptions):
         self.out, self.ns, self.group, self.seq, self.options = out, ns, group, seq, options
-        self.writer = GroupWriter(out, lambda k: shard_stem(ns, seq + k), options.max_shard_bytes)
+        self.writer = GroupWriter(staging_dir(out), lambda k: shard_stem(ns, seq + k), options.max_shard_bytes)
         self.first = group * options.samples_per_shard
         self.inputs = 0
         self.ids: list[str] = []
@@ -292,6 +296,7 @@ class _OpenGroup:
         """Publish the shards, then the stats file; return the next shard number."""
         name = stats_name(self.ns, self.group)
         entries = self.writer.close(name)
+        publish_shards(self.out, entries)  # object storage: each shard uploaded whole before the stats count it
         stats = stats_payload(self.group, self.first, self.inputs, input_digest(self.ids),
                               self.options.output_options(), entries, encode_digests(b"".join(self.digests)),
                               self.rejections)

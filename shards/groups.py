@@ -20,15 +20,19 @@ rejections by reason with their sources, the 16-byte content digests of the acce
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from shards import storage
 from shards.manifest import ShardEntry, write_json_atomic
 from shards.writer import Framed, ShardWriter
 
@@ -94,31 +98,63 @@ class GroupWriter:
 _TAR_TAIL = 2 * 512 + 10240
 
 
-def write_group_stats(directory: Path, ns: str, group: int, payload: dict[str, Any]) -> None:
-    write_json_atomic(directory / stats_name(ns, group), payload)
+def write_group_stats(directory: Path | str, ns: str, group: int, payload: dict[str, Any]) -> None:
+    write_json_atomic(storage.join(directory, stats_name(ns, group)), payload)
 
 
-def read_group_stats(directory: Path, ns: str, group: int) -> dict[str, Any] | None:
+def staging_dir(out: Path | str) -> Path:
+    """Where shards are written before they count: ``out`` itself, or for object storage a local folder of this
+    process (removed at exit) from which ``publish_shards`` uploads each finished shard."""
+    if not storage.is_url(out):
+        return Path(out)
+    if not _staging:
+        folder = Path(tempfile.mkdtemp(prefix="shards-staging-"))
+        owner = os.getpid()
+        atexit.register(lambda: os.getpid() == owner and shutil.rmtree(folder, ignore_errors=True))
+        _staging.append(folder)
+    return _staging[0]
+
+
+_staging: list[Path] = []
+
+
+def publish_shards(out: Path | str, entries: list[ShardEntry]) -> None:
+    """For object storage, upload the group's closed shards (index, then tar) from ``staging_dir(out)`` and delete
+    the local copies; each upload is one complete object (a PUT, or a multipart upload published only when it
+    completes), so an interrupted build leaves no torn object. Local shards are already in place."""
+    if not storage.is_url(out):
+        return
+    stage = staging_dir(out)
+    for entry in entries:
+        for name in (entry.index, entry.tar):
+            storage.put_file(stage / name, storage.join(out, name))
+            (stage / name).unlink()
+
+
+def read_group_stats(directory: Path | str, ns: str, group: int) -> dict[str, Any] | None:
     """The group's stats file, or None when there is none (or it is not valid JSON)."""
     try:
-        return json.loads((directory / stats_name(ns, group)).read_text())
+        return json.loads(storage.read_text(storage.join(directory, stats_name(ns, group))))
     except (OSError, ValueError):
         return None
 
 
-def shards_present(directory: Path, stats: dict[str, Any], names: list[str]) -> bool:
+def shards_present(directory: Path | str, stats: dict[str, Any], names: list[str]) -> bool:
     """Whether every shard the stats list exists with its index and recorded size, under the expected ``names``."""
     shards = stats.get("shards", [])
     if [s.get("tar") for s in shards] != [f"{n}.tar" for n in names]:
         return False
     for shard in shards:
-        tar, idx = directory / shard["tar"], directory / shard["index"]
-        if not idx.is_file() or not tar.is_file() or tar.stat().st_size != shard["bytes"]:
+        tar, idx = storage.join(directory, shard["tar"]), storage.join(directory, shard["index"])
+        try:
+            if not storage.exists(idx) or storage.size(tar) != shard["bytes"]:
+                return False
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return False
     return True
 
 
-def remove_after(directory: Path, ns: str, group: int, seq: int) -> int:
+def remove_after(directory: Path | str, ns: str, group: int, seq: int) -> int:
     """Delete the namespace's files past a resume point: groups >= ``group``, shards >= ``seq``, all partials.
 
     Returns:
@@ -127,17 +163,20 @@ def remove_after(directory: Path, ns: str, group: int, seq: int) -> int:
     shard = re.compile(rf"\.?{re.escape(ns)}-(\d{{6,}})\.(tar|idx)(\.partial)?")
     stats = re.compile(rf"\.?{re.escape(ns)}-g(\d{{6,}})\.stats\.json(\.tmp-\d+)?")
     removed = 0
-    with os.scandir(directory) as entries:
-        names = [e.name for e in entries]
+    if storage.is_url(directory):  # the objects directly under the prefix
+        names = [storage.name(p) for p, _ in storage.list_files(directory) if storage.parent(p) == directory.rstrip("/")]
+    else:
+        with os.scandir(directory) as entries:
+            names = [e.name for e in entries]
     for name in names:
         m = shard.fullmatch(name)
         if m and (int(m.group(1)) >= seq or m.group(3) or name.startswith(".")):
-            (directory / name).unlink(missing_ok=True)
+            storage.remove(storage.join(directory, name))
             removed += 1
             continue
         m = stats.fullmatch(name)
         if m and (int(m.group(1)) >= group or m.group(2)):
-            (directory / name).unlink(missing_ok=True)
+            storage.remove(storage.join(directory, name))
             removed += 1
     return removed
 
@@ -162,8 +201,10 @@ def stats_payload(group: int, first: int, inputs: int, digest: str, options: dic
     }
 
 
-def is_writable_dir(directory: Path) -> str:
+def is_writable_dir(directory: Path | str) -> str:
     """Create ``directory`` if needed; return '' when files can be written there, else the reason."""
+    if storage.is_url(directory):
+        return storage.check_writable(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe = directory / f".write-probe-{os.getpid()}"

@@ -36,6 +36,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+from shards import storage
+
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff",
                             ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".avif", ".jp2", ".j2k"})
@@ -72,6 +74,9 @@ def check_inputs(inputs: list[str], labels_from_folders: bool = False) -> None:
     if not inputs:
         raise InputError("no inputs given")
     for item in inputs:
+        if storage.is_url(item) or storage.looks_mangled(item):
+            _check_remote_input(item, labels_from_folders)
+            continue
         path = Path(item)
         if not path.exists():
             raise InputError(f"input not found: {item}")
@@ -83,6 +88,43 @@ def check_inputs(inputs: list[str], labels_from_folders: bool = False) -> None:
             raise InputError(f"--labels-from-folders needs directory inputs (class folders), got {item}")
         if not os.access(path, os.R_OK):
             raise InputError(f"input not readable: {item}")
+
+
+def _check_remote_input(url: str, labels_from_folders: bool) -> None:
+    """An object-storage input: a prefix (every object under it), a list file or a tar (see ``shards.storage``)."""
+    try:
+        storage.check_url(url)
+    except storage.StorageError as exc:
+        raise InputError(str(exc)) from None
+    if labels_from_folders:
+        raise InputError(f"--labels-from-folders needs local directory inputs (class folders), got {url}")
+    if url.lower().endswith((*LIST_SUFFIXES, ".tar")):
+        if not storage.exists(url):
+            raise InputError(f"input not found: {url}")
+    elif not storage.has_files(url):
+        raise InputError(f"input not found: no object under {url}")
+
+
+def _remote_sources(url: str, part: tuple[int, int] | None, exclude: str | os.PathLike | None) -> Iterator[Source]:
+    """An object-storage input: a tar, a list file, or every object under a prefix in key order (one listing)."""
+    lower = url.lower()
+    if lower.endswith(".tar"):
+        if owned(url, part):
+            yield from _tar_sources(url, url, None)
+        return
+    if lower.endswith(LIST_SUFFIXES):
+        yield from _list_range(url, part)
+        return
+    prefix, skip = url.rstrip("/"), f"{exclude}".rstrip("/") + "/" if storage.is_url(exclude) else None
+    for path, _size in storage.list_files(prefix):
+        if skip and path.startswith(skip):
+            continue  # the output prefix inside the input prefix
+        if not owned(path[len(prefix) + 1:], part):
+            continue
+        if path.lower().endswith(".tar"):
+            yield from _tar_sources(path, path, None)
+        else:
+            yield Source(path, path)
 
 
 def owned(key: str, part: tuple[int, int] | None) -> bool:
@@ -109,6 +151,9 @@ def iter_sources(inputs: list[str], part: tuple[int, int] | None = None, exclude
     check_inputs(inputs, labels_from_folders)
     skip = os.path.realpath(exclude) if exclude is not None else None
     for item in inputs:
+        if storage.is_url(item):
+            yield from _remote_sources(item, part, exclude)
+            continue
         root = os.path.normpath(item)
         if os.path.isdir(root):
             yield from _walk(root, skip, labels_from_folders, part)
@@ -146,7 +191,7 @@ def class_names(inputs: list[str], exclude: str | os.PathLike | None = None) -> 
 
 def read_source(source: Source) -> bytes:
     """The encoded bytes of ``source`` (raises OSError when they cannot be read)."""
-    with open(source.path, "rb") as fh:
+    with storage.open_file(source.path) as fh:  # a local file or an object (s3://, gs://)
         if source.offset < 0:
             return fh.read()
         fh.seek(source.offset)
@@ -218,10 +263,10 @@ def _why_not_regular(path: str) -> str:
 def _list_range(path: str, part: tuple[int, int] | None) -> Iterator[Source]:
     """The listed paths whose line starts inside part i's byte range of the list file."""
     i, n = part or (0, 1)
-    size = os.path.getsize(path)
+    size = storage.size(path)
     start, stop = i * size // n, (i + 1) * size // n
-    base = os.path.dirname(path)
-    with open(path, "rb") as fh:
+    base = storage.parent(path)
+    with storage.open_file(path, readahead=storage.READAHEAD) as fh:
         if start:
             fh.seek(start - 1)
             if fh.read(1) != b"\n":
@@ -235,14 +280,24 @@ def _list_range(path: str, part: tuple[int, int] | None) -> Iterator[Source]:
             line = raw.decode("utf-8", "surrogateescape").strip()
             if not line or line.startswith("#"):
                 continue
-            target = os.path.normpath(line if os.path.isabs(line) else os.path.join(base, line))
+            target = _resolve(line, base)
             yield Source(target, target)
+
+
+def _resolve(line: str, base: str | Path) -> str:
+    """A listed path: a URL as it is, a local path normalised (a relative one against the list's folder or URL)."""
+    if storage.is_url(line):
+        return line
+    if storage.is_url(base) and not os.path.isabs(line):
+        return storage.join(base, line)
+    return os.path.normpath(line if os.path.isabs(line) else os.path.join(base, line))
 
 
 def _tar_sources(path: str, source_id: str, label: str | None) -> list[Source]:
     """One source per WebDataset key of the tar: its first image member (companions are metadata)."""
     try:
-        with tarfile.open(path, "r:") as tar:
+        fileobj = storage.open_file(path, readahead=storage.READAHEAD) if storage.is_url(path) else None
+        with tarfile.open(path if fileobj is None else None, "r:", fileobj=fileobj) as tar:
             members = [m for m in tar.getmembers() if m.isfile()]
     except (OSError, tarfile.TarError) as exc:
         return [Source(source_id, path, label=label, error=f"unreadable: tar: {exc}")]

@@ -190,6 +190,10 @@ class _RemoteFile:
         with _errors(self.url):
             return self._handle.read(n)
 
+    def readline(self) -> bytes:
+        with _errors(self.url):
+            return self._handle.readline()
+
     def seek(self, offset: int, whence: int = 0) -> int:
         return self._handle.seek(offset, whence)
 
@@ -238,6 +242,20 @@ def list_files(prefix: str | os.PathLike) -> list[tuple[str | Path, int]]:
         found = fs.find(key.rstrip("/"), detail=True)
     return sorted((f"{scheme}://{k}", int(info.get("size") or 0)) for k, info in found.items()
                   if info.get("type") == "file")
+
+
+def has_files(prefix: str | os.PathLike) -> bool:
+    """True when a file lies under the folder or prefix ``prefix`` (one short listing, not the whole tree)."""
+    if not is_url(prefix):
+        return Path(prefix).is_dir() and any(Path(prefix).iterdir())
+    fs, key = filesystem(prefix)
+    with _errors(prefix):
+        try:
+            return bool(fs.ls(key.rstrip("/"), detail=False, refresh=True))
+        except FileNotFoundError as exc:
+            if "bucket does not exist" in str(exc) or "NoSuchBucket" in str(exc):
+                raise
+            return False
 
 
 # ---------------------------------------------------------------------------------------------- writing

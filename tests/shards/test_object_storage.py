@@ -12,12 +12,15 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 import pytest
 
 from shards import storage
+from shards.build import BuildOptions, build_shards
+from shards.manifest import read_manifest
 from tests.conftest import REPO, write_simple_shards
 
 STEPS = 6
@@ -59,6 +62,105 @@ def _upload(folder: Path, url: str) -> None:
     for path in sorted(folder.iterdir()):
         if path.is_file():
             storage.put_file(path, storage.join(url, path.name))
+
+
+def _names(server, prefix: str) -> list[str]:
+    """The objects directly under ``prefix`` of bucket ``data`` (hidden ones, e.g. a write probe, left out)."""
+    listed = server.client().list_objects_v2(Bucket="data", Prefix=prefix + "/").get("Contents", [])
+    names = [o["Key"][len(prefix) + 1:] for o in listed]
+    return [n for n in names if "/" not in n and not n.startswith(".")]
+
+
+def _objects(server, prefix: str) -> dict[str, bytes]:
+    """Every object directly under ``prefix``, by name, with its bytes (what a local build's folder holds)."""
+    client = server.client()
+    return {n: client.get_object(Bucket="data", Key=f"{prefix}/{n}")["Body"].read() for n in _names(server, prefix)}
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
+
+
+def _cli(args: list[str], server, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shards", *args], env={**_env(server), **env}, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _jpegs(folder: Path) -> list[bytes]:
+    out = []
+    for path in sorted(folder.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            out += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")]
+    return out
+
+
+PER_SHARD = 8
+OPTIONS = BuildOptions(samples_per_shard=PER_SHARD, workers=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def local_build(photo_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("local-build")
+    build_shards([str(photo_dir)], out, OPTIONS)
+    return out
+
+
+def test_build_into_object_storage_writes_what_a_local_build_writes(s3_env, photo_dir, local_build):
+    manifest = build_shards([str(photo_dir)], "s3://data/built", OPTIONS)
+    assert _objects(s3_env, "built") == _files(local_build)  # every shard, index, stats file and the manifest
+    assert manifest.root == "s3://data/built" and not Path("s3:").exists()
+    remote = read_manifest("s3://data/built")
+    assert remote.total_samples == read_manifest(local_build).total_samples > 0
+    assert storage.read_bytes(remote.tar_path(remote.shards[0])) == (local_build / remote.shards[0].tar).read_bytes()
+
+
+@pytest.mark.slow
+def test_a_killed_build_leaves_no_torn_object_and_resumes_to_the_same_objects(s3_server, photo_dir, tmp_path):
+    """SIGKILL a real `shards build --out s3://...` mid-run: what is in the bucket is complete; a rerun finishes."""
+    cmd = ["build", str(photo_dir), "--out", "s3://data/killed", "--samples-per-shard", "4", "--workers", "1",
+           "--no-progress", "--short-side", "0"]  # no resize: slower, easier to kill mid-way
+    proc = subprocess.Popen([sys.executable, "-m", "shards", *cmd], env=_env(s3_server), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if sum(name.endswith(".stats.json") for name in _names(s3_server, "killed")) >= 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(60)
+    assert proc.returncode == -signal.SIGKILL, "the build finished before it could be killed"
+    reference = tmp_path / "reference"
+    build_shards([str(photo_dir)], reference, BuildOptions(samples_per_shard=4, workers=1, short_side=0,
+                                                           progress=False))
+    expected = _files(reference)
+    partial = _objects(s3_server, "killed")
+    assert "manifest.json" not in partial and 2 <= sum(n.endswith(".stats.json") for n in partial)
+    assert all(data == expected[name] for name, data in partial.items())  # whole objects only: none torn
+    done = _cli(cmd, s3_server)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming after" in done.stderr
+    assert _objects(s3_server, "killed") == expected
+
+
+def test_sources_in_object_storage(s3_env, photo_dir, local_build, tmp_path):
+    """A prefix of images, a list file of URLs (one missing) and a tar, all in the bucket."""
+    photos = sorted(p for p in photo_dir.rglob("*") if p.is_file())
+    for p in photos:
+        storage.put_file(p, f"s3://data/photos/{p.relative_to(photo_dir).as_posix()}")
+    out = tmp_path / "from-prefix"
+    manifest = build_shards(["s3://data/photos"], out, OPTIONS)
+    local = read_manifest(local_build)
+    assert manifest.total_samples == local.total_samples and manifest.options["inputs"] == len(photos)
+
+    assert sorted(_jpegs(out)) == sorted(_jpegs(local_build))  # the same images, in the store's key order
+    listed = [f"s3://data/photos/{p.relative_to(photo_dir).as_posix()}" for p in photos[:5]]
+    storage.write_bytes("s3://data/lists/five.txt", "\n".join([*listed, "s3://data/photos/missing.jpg"]).encode())
+    shards = tmp_path / "tar-shards"
+    write_simple_shards(photos[5:9], shards, per_shard=4)
+    storage.put_file(shards / "train-000000.tar", "s3://data/tars/four.tar")
+    mixed = build_shards(["s3://data/lists/five.txt", "s3://data/tars/four.tar"], tmp_path / "mixed", OPTIONS)
+    assert mixed.options["inputs"] == 10 and mixed.options["rejected"] == {"unreadable": 1}
+    assert mixed.total_samples == 9
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +229,29 @@ def test_training_errors_from_the_store_are_one_line(s3_server, remote_shards, t
     proc = _train(_train_args(remote_shards[1], tmp_path / "run", "pytorch"), {**env, "AWS_SECRET_ACCESS_KEY": "no"})
     assert proc.returncode == 2 and "access denied" in proc.stderr, proc.stderr[-2000:]
     assert not Path(REPO / "s3:").exists()
+
+
+def test_build_errors_with_object_storage_are_one_line(s3_env, photo_dir, tmp_path, monkeypatch, capsys):
+    from shards.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        ([str(photo_dir), "--out", "s3:/data/x"], "malformed URL 's3:/data/x'"),
+        ([str(photo_dir), "--out", "ftp://data/x"], "unsupported URL scheme ftp://"),
+        ([str(photo_dir), "--out", "s3://no-such-bucket/x"], "no such bucket (no-such-bucket)"),
+        (["s3://data/nothing-here", "--out", str(tmp_path / "o")], "input not found: no object under s3://data/"),
+        (["s3://data/lists/absent.txt", "--out", str(tmp_path / "o")], "input not found: s3://data/lists/absent.txt"),
+    ]
+    for args, message in cases:
+        assert main(["build", *args, "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "s3:").exists() and not (tmp_path / "ftp:").exists()
+
+    import s3fs
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    s3fs.S3FileSystem.clear_instance_cache()
+    assert main(["build", str(photo_dir), "--out", "s3://data/x", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "access denied" in err[0] and "check the credentials" in err[0], err
