@@ -52,7 +52,7 @@ class Sizes:
         return cls(corpus_images=27648, short_side=(360, 400), images_per_shard=256, arch="resnet50", crop_size=224,
                    model_batch=256, queue_sizes=(4096, 65536), pipeline_batches=(128, 256), pipeline_threads=threads,
                    pipeline_crop=224, pipeline_warmup=10, pipeline_window=10, pipeline_windows=4,
-                   boundary_budget_s=15.0, e2e_batch=256, e2e_steps=30, e2e_repeats=3, warmup=10, iters=10, repeats=5,
+                   boundary_budget_s=10.0, e2e_batch=256, e2e_steps=20, e2e_repeats=3, warmup=10, iters=10, repeats=5,
                    ingest_images=512)
 
     @classmethod

@@ -2,7 +2,8 @@
 
 Measured in one run, on one device, with the real step (``train.train_step``: autocast, backward, optimizer):
 precision (fp32 / bf16 / bf16 + channels_last / + torch.compile), every shuffle-BN strategy that runs on one
-process, queue sizes, and ``model/baseline.py`` (the original code's structure) at the same settings.
+process, queue sizes, twice the per-GPU batch (with its own plain step), and ``benchmarks/baseline.py`` (the
+original code's structure) at the same settings.
 
 Every configuration is built and warmed up first, then all are timed in alternating rounds (round r times
 each once), so that drift in machine speed does not favour whichever ran first. Peak memory (CUDA) is each
@@ -141,8 +142,9 @@ def _build_and_warm(ctx: Context, name: str, build: Callable[[], Callable[[], ob
     return step, (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
-def _variants(ctx: Context) -> list[tuple[str, str, dict, dict, bool]]:
-    """(name, group, model updates, data/optim updates, baseline?) for every configuration to measure.
+def _variants(ctx: Context) -> list[tuple[str, str, dict, dict, bool | None]]:
+    """(name, group, model updates, data/optim updates, baseline? (None: a plain encoder step)) for every
+    configuration to measure.
 
     The shuffle-BN and queue rows run at the device's training precision: bf16 + channels_last on a GPU, fp32 on
     a CPU (CPUs without bf16 units run bf16 convolutions slower than fp32; ``precision=auto`` picks fp32 there).
@@ -154,7 +156,7 @@ def _variants(ctx: Context) -> list[tuple[str, str, dict, dict, bool]]:
     bf16_cl = {"precision": "bf16", "channels_last": True}
     main, tag = (bf16_cl, "bf16+cl") if cuda else (fp32, "fp32")
     gather = {"queue_size": k, "shuffle_bn": "gather"}
-    out: list[tuple[str, str, dict, dict, bool]] = [
+    out: list[tuple[str, str, dict, dict, bool | None]] = [
         ("ours fp32", "precision", gather, fp32, False),
         ("ours bf16", "precision", gather, bf16, False),
         ("ours bf16+cl", "precision", gather, bf16_cl, False),
@@ -167,6 +169,10 @@ def _variants(ctx: Context) -> list[tuple[str, str, dict, dict, bool]]:
                     main, False))
     for q in s.queue_sizes[:-1]:
         out.append((f"ours {tag} K={q}", "queue", {"queue_size": q, "shuffle_bn": "gather"}, main, False))
+    # A larger per-GPU batch (an H200 holds 512 easily): fewer, larger kernels; its plain step is the reference.
+    big = {**main, "batch_size": 2 * s.model_batch}
+    out.append((f"ours {tag} batch={2 * s.model_batch}", "batch", gather, big, False))
+    out.append((f"plain encoder step {tag} batch={2 * s.model_batch}", "batch", gather, big, None))
     return out
 
 
@@ -192,6 +198,7 @@ def run(ctx: Context) -> SuiteResult:
 
     # 1. Build and warm up every configuration (ours, baseline, plain references); record memory per config.
     steps: dict[str, Callable[[], object]] = {}
+    batches: dict[str, int] = {}  # pairs per step of each configuration
     meta: dict[str, tuple[str, dict, float | None, str]] = {}  # name -> (group, params, peak MiB, precision key)
     for name, group, model_upd, other, baseline in _variants(ctx):
         if not ctx.selects(name):
@@ -206,11 +213,18 @@ def run(ctx: Context) -> SuiteResult:
         if other["precision"] == "bf16" and cuda and not torch.cuda.is_bf16_supported():
             result.skip(name, "this GPU does not support bf16")
             continue
-        cfg = config_lib.replace(base, model=model_upd, data={"channels_last": other["channels_last"]},
+        batch = other.get("batch_size", s.model_batch)
+        cfg = config_lib.replace(base, model=model_upd, data={"channels_last": other["channels_last"],
+                                                              "batch_size": batch},
                                  optim={"precision": other["precision"]})
         key = f"{other['precision']}{'+cl' if other['channels_last'] else ''}{'+compile' if cfg.model.compile else ''}"
         # compile's first steps are the compilation: more warm-up so it is excluded.
         warmup = s.warmup + (3 if cfg.model.compile else 0)
+        if baseline is None:  # a plain encoder step of its own (the batch rows' reference)
+            steps[name], plain_mem = _build_and_warm(ctx, name, lambda c=cfg: _plain_step(c, device), warmup)
+            meta[name] = ("reference", {**other}, plain_mem, key)
+            batches[name] = batch
+            continue
         try:
             step, peak_mem = _build_and_warm(ctx, name, lambda c=cfg, b=baseline: _moco_step(c, device, b), warmup)
         except (ValueError, RuntimeError) as exc:
@@ -220,22 +234,24 @@ def run(ctx: Context) -> SuiteResult:
             result.skip(name, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
             continue
         steps[name] = step
+        batches[name] = batch
         meta[name] = (group, {"baseline": baseline, **model_upd, **other}, peak_mem, key)
         plain = f"plain encoder step {key}"
         if group in ("precision", "baseline") and plain not in steps:
             steps[plain], plain_mem = _build_and_warm(ctx, plain, lambda c=cfg: _plain_step(c, device), warmup)
+            batches[plain] = batch
             meta[plain] = ("reference", {**other, "compile": cfg.model.compile}, plain_mem, key)
 
     # 2. Time them in alternating rounds, so that ours and the baseline see the same machine conditions.
     with ctx.profiler("model-steps"):
-        timings = measure_interleaved(steps, items_per_call=s.model_batch, iters=s.iters, repeats=s.repeats,
+        timings = measure_interleaved(steps, items_per_call=batches, iters=s.iters, repeats=s.repeats,
                                       device=device)
     plain_ms: dict[str, float] = {}
     for name, tp in timings.items():
         group, params, peak_mem, key = meta[name]
         row = result.add(name, group, params, pairs_per_s=tp.items_per_s, step_ms=tp.seconds_per_call.scaled(1e3),
                          peak_mem_mib=peak_mem, mfu=mfu(tp.items_per_s.median, flops, peak))
-        if group == "reference":
+        if group == "reference" and batches[name] == s.model_batch:
             plain_ms[key] = tp.seconds_per_call.median * 1e3
     for row in result.rows:
         key = meta[row.name][3]

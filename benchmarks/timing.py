@@ -170,13 +170,14 @@ def measure_loader(fn: Callable[[], object], *, items_per_call: int, batches_per
     return LoaderThroughput(batches_per_pass, rates, per_call, boundary, calls - warmup)
 
 
-def measure_interleaved(fns: dict[str, Callable[[], object]], *, items_per_call: int, iters: int, repeats: int,
-                        device: torch.device | str | None = None) -> dict[str, Throughput]:
+def measure_interleaved(fns: dict[str, Callable[[], object]], *, items_per_call: int | dict[str, int], iters: int,
+                        repeats: int, device: torch.device | str | None = None) -> dict[str, Throughput]:
     """Time several already warmed-up ``fns`` in alternating rounds: round r times every fn once.
 
     On a shared or thermally throttling machine the speed drifts over seconds; timing configurations one
     after the other turns that drift into fake differences, alternating rounds spreads it over all of them,
-    so ours and the baseline see the same conditions. Args as in :func:`measure` (no warm-up here).
+    so ours and the baseline see the same conditions. Args as in :func:`measure` (no warm-up here);
+    ``items_per_call`` may differ per fn (a dict by name).
     """
     if iters < 1 or repeats < 1:
         raise ValueError(f"need iters >= 1 and repeats >= 1; got {iters}, {repeats}")
@@ -189,7 +190,8 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], *, items_per_call:
                 fn()
             synchronize(device)
             per_call[name].append((time.perf_counter() - start) / iters)
-    return {name: Throughput(items_per_s=Stats.of([items_per_call / x for x in xs]), seconds_per_call=Stats.of(xs))
+    items = items_per_call if isinstance(items_per_call, dict) else dict.fromkeys(fns, items_per_call)
+    return {name: Throughput(items_per_s=Stats.of([items[name] / x for x in xs]), seconds_per_call=Stats.of(xs))
             for name, xs in per_call.items()}
 
 

@@ -10,9 +10,10 @@ training dtype and memory format):
   cycle: no pass boundary, no worker restart, ever;
 - each JPEG decoded once, with Pillow's ``draft`` (libjpeg's DCT-domain 1/2, 1/4, 1/8 scaling) to the smallest
   scale whose shorter side still covers the crop size, then both views cut from it, with the recipe's
-  torchvision v2 transforms on PIL images (Pillow's SIMD resize, blur and colour kernels, faster on a CPU core
-  than the same transforms on uint8 tensors; measured in the README). torchvision's own ``decode_jpeg`` has
-  no reduced-size decode;
+  torchvision v2 transforms on PIL images (Pillow's resize and colour kernels, faster on a CPU core than the same
+  transforms on uint8 tensors; measured in the README) and the blur as the original MoCo code applies it,
+  Pillow's ``GaussianBlur`` (torchvision's blur of a PIL image converts it to a tensor and back, the costliest
+  step of a view). torchvision's own ``decode_jpeg`` has no reduced-size decode;
 - whole batches of uint8 views made in the worker (one IPC message per batch, not per sample), pinned memory
   on CUDA, ``prefetch_factor`` batches ahead per worker; normalisation and the dtype cast on the device.
 
@@ -29,12 +30,11 @@ import tarfile
 from collections.abc import Iterator
 
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2
 
 from pipeline.recipes import Recipe
-from pipeline.torch_loader import build_view_transform
 from shards.manifest import read_manifest
 
 
@@ -47,6 +47,28 @@ def decode_reduced(data: bytes, size: int) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     image.draft("RGB", (size, size))  # Pillow keeps the scale at which both sides stay >= the requested size
     return image.convert("RGB")
+
+
+class _PilGaussianBlur:
+    """Pillow's Gaussian blur with a standard deviation drawn uniformly from ``sigma`` (Pillow's radius is sigma)."""
+
+    def __init__(self, sigma: tuple[float, float]):
+        self.sigma = sigma
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+
+
+def build_pil_view_transform(recipe: Recipe, size: int) -> v2.Compose:
+    """One view from a PIL image to a uint8 3 x size x size tensor: the recipe's steps in the product's order."""
+    jitter = v2.RandomApply([v2.ColorJitter(recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue)],
+                            p=recipe.jitter_p)
+    gray = v2.RandomGrayscale(p=recipe.grayscale_p)
+    steps: list = [v2.RandomResizedCrop(size, scale=recipe.crop_scale, ratio=recipe.crop_ratio, antialias=True)]
+    steps += [gray, jitter] if recipe.grayscale_first else [jitter, gray]
+    if recipe.blur_p > 0:
+        steps.append(v2.RandomApply([_PilGaussianBlur(recipe.blur_sigma)], p=recipe.blur_p))
+    return v2.Compose([*steps, v2.RandomHorizontalFlip(p=recipe.flip_p), v2.PILToTensor()])
 
 
 class _Streams(IterableDataset):
@@ -77,8 +99,9 @@ class _Streams(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         torch.manual_seed(self.seed * 7919 + worker)
+        random.seed(self.seed * 7919 + worker)  # the blur's sigma
         rng = random.Random(self.seed * 104729 + worker)
-        transform = v2.Compose([build_view_transform(self.recipe, self.size), v2.PILToTensor()])
+        transform = build_pil_view_transform(self.recipe, self.size)
         buf: list[bytes] = []
         views_q, views_k, bad = [], [], 0
         for data in self._samples(worker, workers):

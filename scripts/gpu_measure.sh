@@ -1,80 +1,96 @@
 #!/usr/bin/env bash
-# Measure this project on a lent GPU machine (see ../shared/GPU.md): the model step, the data pipeline, the whole
-# loop, the GPU-only tests and a short real train.py run with preemption and resume, in one background chain.
+# The whole GPU measurement of this project in one device call of at most 10 minutes (an H100 or H200 with 16
+# cores, no network, no DALI installed): the model step (eager bf16 + channels_last at per-GPU batch 256 and 512,
+# the original structure, split BN, torch.compile), the loaders (DALI GPU, DALI CPU, the PyTorch backend, the
+# tuned PyTorch baseline) alone and feeding the real step, the GPU-only tests, and train.py stopped by SIGTERM
+# then resumed. Results: docs/measured/<device>-<date>/ inside $OUT/measured.tgz.
 #
-# The machine has PyTorch but no DALI and no network, and one device call may carry at most 64 MiB. So the DALI
-# wheel set travels as an xz-compressed site folder cut into parts (.gpu/part-*), one per call, while the chain
-# already runs the suites that need no DALI. Prepare here (from the repository root; .gpu/ and .gpusrc/ must be
-# listed in .git/info/exclude):
-#   bash scripts/gpu_measure.sh bundle      # DALI + wheels for Python 3.12 -> .gpu/part-00.. (~163 MB, minutes of xz)
-#   git archive HEAD | (rm -rf .gpusrc && mkdir .gpusrc && tar -C .gpusrc -xf -)   # the code that is measured
-# Device calls, back to back (the machine is given back 30 s after a call ends):
-#   bash .gpusrc/scripts/gpu_measure.sh start .gpu/part-00     # facts, first part, start the chain
-#   bash .gpusrc/scripts/gpu_measure.sh part .gpu/part-01      # middle parts
-#   bash .gpusrc/scripts/gpu_measure.sh finish .gpu/part-02 W  # last part: install DALI, wait up to W s, collect
-#   bash .gpusrc/scripts/gpu_measure.sh collect W              # wait up to W s more and collect
-# Everything lands in /var/tmp/res on the machine and comes back as $OUT/res.tgz (benchmark JSON/MD/PNG, logs).
+# On the development machine (repository root; .gpu/ and .gpusrc/ listed in .git/info/exclude):
+#   bash scripts/gpu_measure.sh bundle   # DALI wheels for Python 3.12 -> .gpu/part-NN, xz, 60 MiB each
+#   bash scripts/gpu_measure.sh src      # the committed code (git archive HEAD) -> .gpusrc/, with its commit
+# Device calls, back to back (a machine is given back 30 s after a call; each call carries at most 64 MiB):
+#   bash .gpusrc/scripts/gpu_measure.sh part .gpu/part-00           # one call per part but the last
+#   bash .gpusrc/scripts/gpu_measure.sh measure .gpu/part-NN        # the last part, install, measure (< 10 min)
+# Test every stage on a CPU first (--quick sizes, a tiny train run; ~2-3 min on 2 cores):
+#   bash scripts/gpu_measure.sh dry /tmp/dry
+# Each stage's time limit is cut to what is left of BUDGET_S (default 540 s); stages.txt has every stage's exit
+# code and times; a stage that does not fit is recorded as skipped. STAGES picks and orders them.
 set -uo pipefail
-SRC=/var/tmp/src SITE=/var/tmp/site PARTS=/var/tmp/gpu RES=/var/tmp/res DATA=/var/tmp/data
-SHARDS=$DATA/_data/shards-corpus-2048-360-400-256
+BUDGET_S=${BUDGET_S:-540}
+STAGES=${STAGES:-"prepare model pipeline e2e gpu_tests train model_compile"}
+NEEDS_CPU_QUICK=""  # set by dry: the benchmark flags that shrink every suite to the CPU smoke sizes
+GPU_TESTS_FLAGS=""  # dry: --collect-only (their CPU parts run in the test suite anyway)
+LIMIT_SCALE=1  # dry: each stage may take longer on a shared CPU than on the GPU machine
 
-collect() {  # $1: seconds to wait for the chain to finish
-  local deadline=$((SECONDS + ${1:-0}))
-  while [ ! -e $RES/DONE ] && [ $SECONDS -lt $deadline ]; do sleep 5; done
-  echo "--- stages ($(date +%T))"; cat $RES/stages.txt 2>/dev/null
-  for f in $RES/*.log; do echo "--- tail $f"; tail -n 25 "$f"; done
-  [ -n "${OUT:-}" ] && tar -C $RES -czf "$OUT/res.tgz" . && cp $RES/stages.txt "$OUT/" 2>/dev/null
-  [ -e $RES/DONE ] && echo "chain DONE" || echo "chain still running"
+stage() {  # name, time limit (s), command...: one step of the measurement, cut to the time left
+  local name=$1 limit=$(($2 * LIMIT_SCALE)); shift 2
+  local left=$((DEADLINE - SECONDS))
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$limit" -lt 20 ]; then echo "skipped $name (${left}s left)" >> "$RES/stages.txt"; return; fi
+  echo "start $name $(date +%T) limit ${limit}s" >> "$RES/stages.txt"
+  if [ "$1" = train_sigterm_resume ]; then  # a shell function: it applies the limit itself
+    train_sigterm_resume "$limit" > "$RES/$name.log" 2>&1
+  else
+    timeout -k 10 "$limit" "$@" > "$RES/$name.log" 2>&1
+  fi
+  echo "rc=$? $name $(date +%T)" >> "$RES/stages.txt"
 }
 
-stage() {  # name, time limit (s), command...: run one step of the chain, record its exit code
-  local name=$1 limit=$2; shift 2
-  echo "start $name $(date +%T)" >> $RES/stages.txt
-  timeout -k 15 "$limit" "$@" > "$RES/$name.log" 2>&1
-  echo "rc=$? $name $(date +%T)" >> $RES/stages.txt
+train_sigterm_resume() {  # $1: seconds. A real run stopped by SIGTERM once it has logged progress, then resumed
+  local run=$RES/run cmd=("${TRAIN[@]}" --shards "$SHARDS" --run-dir "$RES/run")
+  rm -rf "$run"
+  "${cmd[@]}" > "$RES/train_sigterm.log" 2>&1 &
+  local pid=$! waited=0
+  while [ ! -s "$run/metrics.jsonl" ] && kill -0 $pid 2>/dev/null && [ $waited -lt $(($1 / 2)) ]; do
+    sleep 1; waited=$((waited + 1))
+  done
+  kill -TERM $pid 2>/dev/null
+  wait $pid; local rc=$?
+  echo "SIGTERM run: exit $rc after ${waited} s; checkpoints: $(ls "$run/checkpoints" 2>/dev/null | tr '\n' ' ')"
+  [ $rc -eq 0 ] || return 1
+  timeout -k 10 $(($1 - waited)) "${cmd[@]}" > "$RES/train_resume.log" 2>&1 || return 1
+  echo "resumed run: exit 0; summary.json: $(head -c 800 "$run/summary.json" 2>/dev/null)"
+  rm -rf "$run/checkpoints"  # large; the logs, metrics.jsonl and summary.json stay
 }
 
-run_stage() {  # one named measurement of the chain
-  local train=(python3 train.py --shards $SHARDS --run-dir $RES/run --total-steps 1000 --num-threads 15
-               --log-every 20 --checkpoint-every-steps 100 --image-log-every 0 --wandb-mode disabled)
+run_stage() {
+  local bench=("$PY" -m benchmarks run $NEEDS_CPU_QUICK --out "$RES/bench")
   case "$1" in
-    prepare) stage prepare 240 python3 -m benchmarks prepare --out $DATA --images 2048 ;;
-    # torch.compile's warm-up is its own run, so that a slow compilation cannot cost the other rows.
-    model) stage model 420 python3 -m benchmarks run --suite model --out $RES/bench --only '^(?!.*compile)' ;;
-    model_compile) stage model_compile 420 python3 -m benchmarks run --suite model --out $RES/bench_compile \
-                     --only 'compile|^ours bf16\+cl$' ;;
-    # PIPELINE_ONLY / E2E_ONLY: optional --only regular expressions (e.g. 'batch=256', 'DALI GPU|PyTorch').
-    pipeline) stage pipeline 360 python3 -m benchmarks run --suite pipeline --shards $SHARDS --out $RES/bench \
-                ${PIPELINE_ONLY:+--only "$PIPELINE_ONLY"} ;;
-    e2e) stage e2e 300 python3 -m benchmarks run --suite e2e --shards $SHARDS --out $RES/bench ${E2E_ONLY:+--only "$E2E_ONLY"} ;;
-    gpu_tests) stage gpu_tests 300 python3 -m pytest -q -p no:cacheprovider tests/pipeline/test_gpu.py \
-                 tests/model/test_step.py::test_no_cuda_sync_in_the_step \
-                 tests/model/test_compile.py ;;
-    train)  # SIGTERM mid-run (checkpoint, exit 0), then the same command resumes and finishes
-      stage train_sigterm 60 timeout -s TERM 45 "${train[@]}"
-      stage train_resume 200 "${train[@]}"
-      rm -rf $RES/run/checkpoints ;;  # large; the logs, metrics.jsonl and summary.json stay
-    *) echo "unknown stage $1" >> $RES/stages.txt ;;
+    prepare)
+      stage prepare 150 "$PY" -m benchmarks prepare --out "$DATA" ${PREPARE_IMAGES:+--images $PREPARE_IMAGES}
+      SHARDS=$(tail -n 1 "$RES/prepare.log") ;;
+    # bf16 + channels_last, the training configuration, at batch 256 and 512, with the original structure and the
+    # plain step of the same encoders; split BN (the one-GPU default) since its fix.
+    model) stage model 120 "${bench[@]}" --suite model --only "$MODEL_ONLY" ;;
+    model_compile) stage model_compile 240 "$PY" -m benchmarks run $NEEDS_CPU_QUICK --out "$RES/bench_compile" \
+                     --suite model --only "$COMPILE_ONLY" ;;
+    pipeline) stage pipeline 120 "${bench[@]}" --suite pipeline --shards "$SHARDS" --only "$LOADER_ONLY" ;;
+    e2e) stage e2e 200 "${bench[@]}" --suite e2e --shards "$SHARDS" ;;
+    gpu_tests) stage gpu_tests 90 "$PY" -m pytest -q -p no:cacheprovider $GPU_TESTS_FLAGS tests/pipeline/test_gpu.py \
+                 tests/model/test_step.py::test_no_cuda_sync_in_the_step tests/model/test_compile.py ;;
+    train) stage train 150 train_sigterm_resume ;;  # the limit is passed to the function by stage
+    *) echo "unknown stage $1" >> "$RES/stages.txt" ;;
   esac
 }
 
-# Stages that need no DALI run first, while the DALI parts are still travelling. GPU_STAGES picks and orders them
-# (2026-11-26, on an H200: prepare 26 s, model 116 s, pipeline 319 s, e2e 188 s, gpu_tests 54 s, compile > 120 s).
-GPU_STAGES=${GPU_STAGES:-"prepare model model_compile pipeline e2e gpu_tests train"}
-NEEDS_DALI="pipeline e2e gpu_tests train"
+measure_all() {  # RES, DATA, PY set; runs STAGES in order within BUDGET_S
+  DEADLINE=$((SECONDS + BUDGET_S))
+  mkdir -p "$RES" "$DATA"
+  SHARDS=${SHARDS:-}
+  for name in $STAGES; do run_stage "$name"; done
+  echo "done $(date +%T), $((SECONDS - DEADLINE + BUDGET_S)) s" >> "$RES/stages.txt"
+}
 
-chain() {  # runs detached from the calls (setsid), from the clean copy of the code in $SRC
-  cd $SRC || exit 1
-  export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
-  for name in $GPU_STAGES; do
-    if [[ " $NEEDS_DALI " == *" $name "* ]] && [ -z "${PYTHONPATH:-}" ]; then
-      local deadline=$((SECONDS + 300))
-      while [ ! -e $SITE/.installed ] && [ $SECONDS -lt $deadline ]; do sleep 2; done
-      export PYTHONPATH=$SITE:$SRC
-    fi
-    run_stage "$name"
-  done
-  touch $RES/DONE
+install_dali() {  # the parts in /var/tmp/gpu -> /var/tmp/site (once per machine)
+  [ -e /var/tmp/site/.installed ] && return 0
+  mkdir -p /var/tmp/site
+  cat /var/tmp/gpu/part-* | xz -T0 -d | tar -C /var/tmp/site -xf - || return 1
+  local check='import torch, nvidia.dali as d, webdataset; torch.zeros(1).cuda(); print("DALI", d.__version__)'
+  if ! PYTHONPATH=/var/tmp/site python3 -c "$check"; then
+    rm -f /var/tmp/site/nvidia/__init__.py  # let nvidia.* be one namespace with the machine's own nvidia packages
+    PYTHONPATH=/var/tmp/site python3 -c "$check" || return 1
+  fi
+  touch /var/tmp/site/.installed
 }
 
 bundle() {  # on the development machine: the DALI site folder for the GPU machine's Python 3.12, xz, in parts
@@ -95,26 +111,36 @@ bundle() {  # on the development machine: the DALI site folder for the GPU machi
 
 case "${1:-}" in
   bundle) bundle ;;
-  start)
-    mkdir -p $PARTS $RES $SITE && cp "$2" $PARTS/
-    nvidia-smi; python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
-      torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory // 2**20, 'MiB')"
-    python3 -c "import nvidia, skimage, sklearn, rich, matplotlib; print('nvidia pkg', list(nvidia.__path__))"
-    nproc; free -g | head -2
-    rm -rf $SRC && cp -r .gpusrc $SRC
-    GPU_STAGES="$GPU_STAGES" setsid nohup bash $SRC/scripts/gpu_measure.sh chain > $RES/chain.log 2>&1 < /dev/null &
-    collect 25 ;;
-  part) cp "$2" $PARTS/ && ls -la $PARTS && collect 0 ;;
-  finish)
-    cp "$2" $PARTS/ && cat $PARTS/part-* | xz -d | tar -C $SITE -xf - || exit 1
-    check='import torch, nvidia.dali as d, webdataset; torch.zeros(1).cuda(); print("DALI", d.__version__)'
-    if ! PYTHONPATH=$SITE python3 -c "$check"; then
-      rm -f $SITE/nvidia/__init__.py  # let nvidia.* be one namespace with the machine's own nvidia packages
-      PYTHONPATH=$SITE python3 -c "$check" || exit 1
-    fi
-    touch $SITE/.installed
-    collect "${3:-0}" ;;
-  collect) collect "${2:-0}" ;;
-  chain) chain ;;
-  *) echo "usage: $0 bundle|start|part|finish|collect|chain ..." >&2; exit 2 ;;
+  src)  # the committed code, and its commit for the JSON (the copy has no .git)
+    rm -rf .gpusrc && mkdir .gpusrc && git archive HEAD | tar -C .gpusrc -xf - && git rev-parse HEAD > .gpusrc/COMMIT
+    echo "code of $(cat .gpusrc/COMMIT) in .gpusrc/" ;;
+  part) mkdir -p /var/tmp/gpu && cp "$2" /var/tmp/gpu/ && ls -la /var/tmp/gpu ;;
+  measure)
+    [ -n "${2:-}" ] && mkdir -p /var/tmp/gpu && cp "$2" /var/tmp/gpu/
+    install_dali || { echo "error: DALI did not install from /var/tmp/gpu"; exit 1; }
+    src=$(cd "$(dirname "$0")/.." && pwd)
+    name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200|a100|b200' | head -1)
+    RES=/var/tmp/res/docs/measured/${name,,}-$(date +%F) DATA=/var/tmp/data PY=python3
+    export PYTHONPATH=/var/tmp/site:$src PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+    export BENCH_GIT_COMMIT=$(cat "$src/COMMIT" 2>/dev/null || echo unknown)
+    mkdir -p "$RES" && cd "$src" || exit 1
+    { nvidia-smi; python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision',
+      torchvision.__version__, torch.cuda.get_device_name(0))"; nproc; free -g | head -2; } > "$RES/facts.txt" 2>&1
+    MODEL_ONLY='^(ours|baseline|plain encoder step) bf16\+cl( batch=512)?$|shuffle=split'
+    COMPILE_ONLY='compile|^ours bf16\+cl$' LOADER_ONLY="threads=$(nproc) batch=256"
+    TRAIN=(python3 train.py --total-steps 300 --num-threads $(($(nproc) - 1)) --log-every 20
+           --checkpoint-every-steps 100 --image-log-every 0 --wandb-mode disabled)
+    measure_all
+    cat "$RES/stages.txt"; tail -n 5 "$RES"/*.log
+    [ -n "${OUT:-}" ] && tar -C /var/tmp/res -czf "$OUT/measured.tgz" docs ;;
+  dry)  # every stage on this CPU at the --quick sizes, into $2
+    RES=$(mkdir -p "$2" && cd "$2" && pwd) DATA=$RES/data PY=${PYTHON:-python3}
+    export PYTHONUNBUFFERED=1 WANDB_MODE=disabled OMP_NUM_THREADS=1
+    cd "$(dirname "$0")/.." || exit 1
+    NEEDS_CPU_QUICK="--quick --device cpu" GPU_TESTS_FLAGS="--collect-only" PREPARE_IMAGES=192 LIMIT_SCALE=3 BUDGET_S=${BUDGET_S:-1500} MODEL_ONLY="" COMPILE_ONLY='compile' LOADER_ONLY=""
+    TRAIN=("$PY" train.py --total-steps 8 --num-threads 1 --log-every 2 --checkpoint-every-steps 4 --image-log-every 0
+           --wandb-mode disabled --device cpu --arch resnet18 --stem cifar --crop-size 32 --batch-size 8 --queue-size 64)
+    measure_all
+    cat "$RES/stages.txt" ;;
+  *) echo "usage: $0 bundle | src | part FILE | measure [LAST_PART] | dry OUT_DIR" >&2; exit 2 ;;
 esac
