@@ -32,12 +32,14 @@ def _expected_location(shards) -> str:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_corrupt_jpeg_is_skipped_counted_and_located(corrupt_shards, backend):
+def test_corrupt_jpeg_is_skipped_counted_and_located(corrupt_shards, backend, capsys):
     cfg = make_cfg(corrupt_shards, backend)
     got, loader = take(cfg, 12)  # two passes of 6 batches: the bad sample is met in the first
     assert len(got) == 12 and all(q.shape == (8, 3, 64, 64) and torch.isfinite(q).all() for q, _ in got)
     assert loader.bad_samples == 1
     assert loader.bad_sample_locations == [_expected_location(corrupt_shards)]
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert said == [f"warning: skipped an unreadable sample at {_expected_location(corrupt_shards)}"]  # once
 
 
 def test_dali_resume_after_a_skipped_sample_is_exact(corrupt_shards):
