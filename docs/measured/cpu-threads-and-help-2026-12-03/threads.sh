@@ -1,6 +1,7 @@
 #!/bin/bash
 # 10-step CPU train runs (ResNet-18, 64 px, batch 16, DALI CPU with 1 thread, 48 photos): before (no thread setting,
 # torch's default) vs after (--torch-threads 0 -> cores - data.num_threads) vs after with --torch-threads 2.
+# /tmp/h1/before: `git archive 6584801 | tar -x`, /tmp/h1/after: the tree after; /tmp/h1/shards: the 48-photo corpus sharded.
 PY=/work/main/.venv/bin/python
 unset OMP_NUM_THREADS
 ARGS="--shards /tmp/h1/shards --total-steps 10 --arch resnet18 --crop-size 64 --batch-size 16 --queue-size 64
