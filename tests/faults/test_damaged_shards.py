@@ -238,6 +238,16 @@ def test_verify_names_each_kind_of_damage(clean, tmp_path, case):
         assert says in text
 
 
+def test_verify_names_a_missing_index_and_checks_the_other_shards(clean, tmp_path):
+    root = damage.copy_corpus(clean, tmp_path / "shards")
+    (root / f"{SHARD}.idx").unlink()
+    damage.empty_file(root / "train-000002.tar")
+    report = verify_shards(root, dali=False)
+    structural = [e for e in report.errors if "json says" not in e]  # these shards' JSON records no image size
+    assert structural == [f"{SHARD}.idx: missing index file", "train-000002.tar: empty file (0 bytes)"]
+    assert report.shards == 3 and report.samples == 16
+
+
 def test_verify_cli_exits_1_on_damage(clean, tmp_path, capsys):
     from shards.__main__ import main
 
