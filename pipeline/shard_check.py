@@ -233,7 +233,7 @@ class ShardChecks:
         if tar not in self._checked:
             found = check_shard(tar, self.manifest.index_path(entry))
             # A sound shard's records are not kept: every rank checks every shard in time, and its readers parse
-            # the index themselves (1.3M records would take ~0.5 GB per rank).
+            # the index themselves (1.28M records take ~0.9 GB, measured with tracemalloc).
             self._checked[tar] = found if found.damaged else replace(found, samples=[])
         return self._checked[tar]
 
