@@ -56,7 +56,7 @@ from shards.manifest import MANIFEST_NAME, Manifest, ShardEntry, write_json_atom
 from shards.sources import Source, check_inputs, class_names, iter_sources, read_source
 from shards.writer import frame_sample
 
-_BATCH = 16  # sources per worker task: amortises inter-process traffic, small enough to keep all workers busy
+_BATCH = 32  # sources per worker task: amortises inter-process traffic, small enough to keep all workers busy
 
 
 class BuildError(ValueError):

@@ -19,7 +19,7 @@ import numpy as np
 
 DIGEST_SIZE = 16
 _MIN_FLUSH = 4096  # buffered digests before the first merge into the sorted arrays
-_CHUNK = 1 << 16  # elements moved per step of the in-place merge (bounds its temporary memory to ~2 MB)
+_MIN_CHUNK = 1 << 12  # elements moved per step of the in-place merge: 1/64 of the set, at least this many
 
 
 class DigestSet:
@@ -60,7 +60,7 @@ class DigestSet:
             return np.zeros(0, bool)
         found = self._in_sorted(digests)
         pending = self._pending
-        for i in np.flatnonzero(~found).tolist():
+        for i in (~found).nonzero()[0].tolist():
             d = digests[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE]
             if d in pending:
                 found[i] = True
@@ -72,20 +72,23 @@ class DigestSet:
 
     def _in_sorted(self, digests: bytes) -> np.ndarray:
         pairs = np.frombuffer(digests, ">u8").astype(np.uint64).reshape(-1, 2)
-        found = np.zeros(len(pairs), bool)
         if not self._n:
-            return found
+            return np.zeros(len(pairs), bool)
         hi, lo = self._hi[:self._n], self._lo[:self._n]
-        order = np.argsort(pairs[:, 0])  # sorted keys: searchsorted narrows each search with the previous one
-        qh, ql = pairs[order, 0], pairs[order, 1]
-        at = np.searchsorted(hi, qh, "left")
-        inside = np.minimum(at, self._n - 1)
-        hit = (hi[inside] == qh) & (at < self._n)
-        found[order] = hit & (lo[inside] == ql)
-        tied = np.flatnonzero(hit & ~found[order])  # same high half, other low half: look at the whole run
-        for i in tied.tolist():
+        qh, ql = pairs[:, 0], pairs[:, 1]
+        if len(qh) > 1024:  # sorted keys let searchsorted narrow each search with the previous one
+            order = np.argsort(qh)
+            qh, ql = qh[order], ql[order]
+        at = np.minimum(np.searchsorted(hi, qh, "left"), self._n - 1)
+        same_hi = hi[at] == qh
+        found = same_hi & (lo[at] == ql)
+        for i in np.flatnonzero(same_hi & ~found).tolist():  # same high half, other low half: ~never below 10^9
             right = int(np.searchsorted(hi, qh[i], "right"))
-            found[order[i]] = bool((lo[at[i]:right] == ql[i]).any())
+            found[i] = bool((lo[at[i]:right] == ql[i]).any())
+        if len(pairs) > 1024:
+            unsorted = np.empty_like(found)
+            unsorted[order] = found
+            return unsorted
         return found
 
     def _flush(self) -> None:
@@ -103,8 +106,9 @@ class DigestSet:
         nh, nl = new[:, 0].copy(), new[:, 1].copy()
         del new
         pos = np.searchsorted(hi[:n], nh, "left")  # new k lands at pos[k] + k; old t moves up by #(pos <= t)
-        for stop in range(n, 0, -_CHUNK):
-            start = max(0, stop - _CHUNK)
+        chunk = max(_MIN_CHUNK, n >> 6)  # temporaries ~40 bytes per element of a chunk: < 1 byte per digest
+        for stop in range(n, 0, -chunk):
+            start = max(0, stop - chunk)
             first, last = np.searchsorted(pos, [start, stop - 1], "right").tolist()
             if first == last:  # no insertion inside the chunk: one block move
                 if first:
