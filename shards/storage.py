@@ -268,7 +268,7 @@ def check_writable(url: str) -> str:
             fs.pipe_file(probe, b"")
             fs.rm_file(probe)
     except (StorageError, OSError) as exc:
-        return str(exc)
+        return str(exc).removeprefix(f"{url}: ")
     return ""
 
 

@@ -58,12 +58,6 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
-def _upload(folder: Path, url: str) -> None:
-    for path in sorted(folder.iterdir()):
-        if path.is_file():
-            storage.put_file(path, storage.join(url, path.name))
-
-
 def _names(server, prefix: str) -> list[str]:
     """The objects directly under ``prefix`` of bucket ``data`` (hidden ones, e.g. a write probe, left out)."""
     listed = server.client().list_objects_v2(Bucket="data", Prefix=prefix + "/").get("Contents", [])
@@ -164,23 +158,21 @@ def test_sources_in_object_storage(s3_env, photo_dir, local_build, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def remote_shards(s3_server, photo_dir, tmp_path_factory) -> tuple[Path, str]:
-    """The same shards locally and under s3://data/train-shards (24 photos, 3 shards of 8)."""
-    local = tmp_path_factory.mktemp("local-shards")
-    write_simple_shards(sorted(photo_dir.rglob("*.*"))[:24], local, per_shard=8)
+def remote_shards(s3_server, photo_dir, local_build) -> tuple[Path, str]:
+    """``shards build --out s3://data/train-shards``; with the identical local build (48 photos, 6 shards of 8)."""
     import s3fs
 
     saved = {k: os.environ.pop(k) for k in [k for k in os.environ if k.startswith("AWS_")]}
     os.environ.update(s3_server.env)
     s3fs.S3FileSystem.clear_instance_cache()
     try:
-        _upload(local, "s3://data/train-shards")
+        build_shards([str(photo_dir)], "s3://data/train-shards", OPTIONS)
     finally:
         for key in s3_server.env:
             os.environ.pop(key, None)
         os.environ.update(saved)
         s3fs.S3FileSystem.clear_instance_cache()
-    return local, "s3://data/train-shards"
+    return local_build, "s3://data/train-shards"
 
 
 @pytest.mark.slow
@@ -215,20 +207,27 @@ def test_training_from_s3_matches_local_and_resumes_exactly_after_a_kill(backend
     assert _losses(run_dir) == expected  # from the store: the local run's stream, and exact across the kill
 
 
-def test_training_errors_from_the_store_are_one_line(s3_server, remote_shards, tmp_path):
-    env = _env(s3_server)
+def test_training_errors_from_the_store_are_one_line(s3_env, remote_shards, tmp_path, monkeypatch, capsys):
+    import s3fs
+
+    import train
+
+    monkeypatch.chdir(tmp_path)
     cases = {
         "s3://data/no-such-prefix": "shard manifest not found: s3://data/no-such-prefix/manifest.json",
         "s3://no-such-bucket/shards": "no such bucket (no-such-bucket)",
         "s3:/data/train-shards": "malformed URL",
+        "gs:/data/train-shards": "malformed URL",
+        remote_shards[1]: "access denied",  # with a wrong secret, below
     }
     for shards, message in cases.items():
-        proc = _train(_train_args(shards, tmp_path / "run", "pytorch"), env)
-        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
-        assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
-    proc = _train(_train_args(remote_shards[1], tmp_path / "run", "pytorch"), {**env, "AWS_SECRET_ACCESS_KEY": "no"})
-    assert proc.returncode == 2 and "access denied" in proc.stderr, proc.stderr[-2000:]
-    assert not Path(REPO / "s3:").exists()
+        if message == "access denied":
+            monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+            s3fs.S3FileSystem.clear_instance_cache()
+        assert train.main(_train_args(shards, tmp_path / "run", "pytorch")) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "s3:").exists() and not (tmp_path / "gs:").exists()
 
 
 def test_build_errors_with_object_storage_are_one_line(s3_env, photo_dir, tmp_path, monkeypatch, capsys):
