@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from pipeline.shard_check import check_shard
+from pipeline.shard_check import ShardCheck, check_shard
 from shards.manifest import Manifest, ManifestError, ShardEntry, read_manifest
 from shards.writer import read_index
 
@@ -63,12 +63,13 @@ def verify_shards(path: str | os.PathLike, dali: bool = True, max_errors: int = 
         if missing:
             report.errors.extend(f"{p.name}: missing {'shard' if p == tar_path else 'index file'}" for p in missing)
             continue
-        report.errors.extend(_structure_problems(manifest, shard))
+        check = check_shard(tar_path, idx_path, all_headers=True)
+        if check.problem:  # the shard cannot be read at all: its samples are not looked at one by one
+            report.errors.append(f"{tar_path.name}: {check.problem}")
+            continue
+        report.errors.extend(_structure_problems(manifest, shard, check))
         size = tar_path.stat().st_size
-        try:
-            records = read_index(idx_path)
-        except (OSError, ValueError):
-            records = []  # reported by _structure_problems
+        records = read_index(idx_path)
         with open(tar_path, "rb") as fh:
             for rec in records:
                 if any(offset + length > size for _ext, offset, length, _name in rec.files):
@@ -89,12 +90,10 @@ def verify_shards(path: str | os.PathLike, dali: bool = True, max_errors: int = 
     return report
 
 
-def _structure_problems(manifest: Manifest, shard: ShardEntry) -> list[str]:
-    """The damage of one shard's tar and index, each problem naming the file and where in it."""
+def _structure_problems(manifest: Manifest, shard: ShardEntry, check: ShardCheck) -> list[str]:
+    """The damage of a readable shard's tar and index (``check``: its shard check), each problem naming the file
+    and where in it."""
     tar_path, idx_path = manifest.tar_path(shard), manifest.index_path(shard)
-    check = check_shard(tar_path, idx_path, all_headers=True)
-    if check.problem:
-        return [f"{tar_path.name}: {check.problem}"]
     problems = [f"{tar_path.name}: {check.note}"] if check.note else []
     problems += [f"{tar_path.name}: corrupt tar header at offset {h.offset} ({h.name}): {h.reason}"
                  for h in check.bad_headers]
