@@ -120,6 +120,7 @@ case "${1:-}" in
     install_dali || { echo "error: DALI did not install from /var/tmp/gpu"; exit 1; }
     src=$(cd "$(dirname "$0")/.." && pwd)
     name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200|a100|b200' | head -1)
+    name=${name:-gpu}
     RES=/var/tmp/res/docs/measured/${name,,}-$(date +%F) DATA=/var/tmp/data PY=python3
     export PYTHONPATH=/var/tmp/site:$src PYTHONUNBUFFERED=1 WANDB_MODE=disabled
     export BENCH_GIT_COMMIT=$(cat "$src/COMMIT" 2>/dev/null || echo unknown)
