@@ -1,9 +1,9 @@
 """Model suite: pairs/s, peak memory and MFU of the real MoCo training step on synthetic tensors.
 
 Measured in one run, on one device, with the real step (``train.train_step``: autocast, backward, optimizer):
-precision (fp32 / bf16 / bf16 + channels_last / + torch.compile), every shuffle-BN strategy that runs on one
-process, queue sizes, twice the per-GPU batch (with its own plain step), and ``benchmarks/baseline.py`` (the
-original code's structure) at the same settings.
+precision (fp32 / bf16 / bf16 + channels_last / + torch.compile / + the step captured as a CUDA graph, on a GPU),
+every shuffle-BN strategy that runs on one process, queue sizes, twice the per-GPU batch (with its own plain step),
+and ``benchmarks/baseline.py`` (the original code's structure) at the same settings.
 
 Every configuration is built and warmed up first, then all are timed in alternating rounds (round r times
 each once), so that drift in machine speed does not favour whichever ran first. Peak memory (CUDA) is each
@@ -79,6 +79,31 @@ def _moco_step(cfg: config_lib.Config, device: torch.device, baseline: bool) -> 
         return train.train_step(model, optimizer, scaler, view_q, view_k, momentum, amp, 0.0)
 
     return step
+
+
+def _cuda_graphed(step: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``step`` captured once as a CUDA graph and replayed: one launch per step instead of one per kernel.
+
+    The synthetic views are the same tensors every step, so the graph's static inputs are in place; learning rate
+    and momentum are constants here. Autocast's weight-cast cache is off during capture (a graph must not keep
+    tensors cached across steps; ``train_step``'s autocast inherits the global setting), and the warm-up runs on a
+    side stream, as capture requires.
+    """
+    cache = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    finally:
+        torch.set_autocast_cache_enabled(cache)
+    return graph.replay
 
 
 def _plain_step(cfg: config_lib.Config, device: torch.device) -> Callable[[], object]:
@@ -161,6 +186,7 @@ def _variants(ctx: Context) -> list[tuple[str, str, dict, dict, bool | None]]:
         ("ours bf16", "precision", gather, bf16, False),
         ("ours bf16+cl", "precision", gather, bf16_cl, False),
         ("ours bf16+cl+compile", "precision", {**gather, "compile": True}, bf16_cl, False),
+        ("ours bf16+cl+cudagraph", "precision", gather, {**bf16_cl, "cuda_graph": True}, False),
         ("baseline fp32", "baseline", {"queue_size": k}, fp32, True),
         ("baseline bf16+cl", "baseline", {"queue_size": k}, bf16_cl, True),
     ]
@@ -210,6 +236,9 @@ def run(ctx: Context) -> SuiteResult:
             # A CPU without bf16 units emulates bf16 convolutions several times slower than fp32.
             result.skip(name, "--quick: measured in full runs only" + ("" if cuda else " (bf16 is emulated on this CPU)"))
             continue
+        if other.get("cuda_graph") and not cuda:
+            result.skip(name, "CUDA graphs need a GPU")
+            continue
         if other["precision"] == "bf16" and cuda and not torch.cuda.is_bf16_supported():
             result.skip(name, "this GPU does not support bf16")
             continue
@@ -225,12 +254,16 @@ def run(ctx: Context) -> SuiteResult:
             meta[name] = ("reference", {**other}, plain_mem, key)
             batches[name] = batch
             continue
+        graphed = bool(other.get("cuda_graph"))
         try:
-            step, peak_mem = _build_and_warm(ctx, name, lambda c=cfg, b=baseline: _moco_step(c, device, b), warmup)
+            step, peak_mem = _build_and_warm(
+                ctx, name, lambda c=cfg, b=baseline, g=graphed: (_cuda_graphed(_moco_step(c, device, b), device) if g
+                                                                  else _moco_step(c, device, b)), warmup)
         except (ValueError, RuntimeError) as exc:
-            if model_upd.get("shuffle_bn") != "sync":
+            if model_upd.get("shuffle_bn") != "sync" and not graphed:
                 raise
-            # SyncBatchNorm needs a process group on a GPU (torch falls back to plain BN on a CPU without one).
+            # SyncBatchNorm needs a process group on a GPU (torch falls back to plain BN on a CPU without one);
+            # a step that cannot be captured as a CUDA graph is reported, not fatal.
             result.skip(name, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
             continue
         steps[name] = step

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The whole GPU measurement of this project in one device call of at most 10 minutes (an H100 or H200 with 16
 # cores, no network, no DALI installed): the model step (eager bf16 + channels_last at per-GPU batch 256 and 512,
-# the original structure, split BN, torch.compile), the loaders (DALI GPU, DALI CPU, the PyTorch backend, the
-# tuned PyTorch baseline) alone and feeding the real step, the GPU-only tests, and train.py stopped by SIGTERM
-# then resumed. Results: docs/measured/<device>-<date>/ inside $OUT/measured.tgz.
+# the original structure, split BN, torch.compile, the step as one CUDA graph), the loaders (DALI GPU, DALI CPU,
+# the PyTorch backend, the tuned PyTorch baseline) alone and feeding the real step, the GPU-only tests, and
+# train.py stopped by SIGTERM then resumed. Results: docs/measured/<device>-<date>/ inside $OUT/measured.tgz.
 #
 # On the development machine (repository root; .gpu/ and .gpusrc/ listed in .git/info/exclude):
 #   bash scripts/gpu_measure.sh bundle   # DALI wheels for Python 3.12 -> .gpu/part-NN, xz, 60 MiB each
@@ -128,7 +128,7 @@ case "${1:-}" in
     { nvidia-smi; python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision',
       torchvision.__version__, torch.cuda.get_device_name(0))"; nproc; free -g | head -2; } > "$RES/facts.txt" 2>&1
     MODEL_ONLY='^(ours|baseline|plain encoder step) bf16\+cl( batch=512)?$|shuffle=split'
-    COMPILE_ONLY='compile|^ours bf16\+cl$' LOADER_ONLY="threads=$(nproc) batch=256"
+    COMPILE_ONLY='compile|cudagraph|^ours bf16\+cl$' LOADER_ONLY="threads=$(nproc) batch=256"
     TRAIN=(python3 train.py --total-steps 300 --num-threads $(($(nproc) - 1)) --log-every 20
            --checkpoint-every-steps 100 --image-log-every 0 --wandb-mode disabled)
     measure_all
@@ -138,7 +138,8 @@ case "${1:-}" in
     RES=$(mkdir -p "$2" && cd "$2" && pwd) DATA=$RES/data PY=${PYTHON:-python3}
     export PYTHONUNBUFFERED=1 WANDB_MODE=disabled OMP_NUM_THREADS=1
     cd "$(dirname "$0")/.." || exit 1
-    NEEDS_CPU_QUICK="--quick --device cpu" GPU_TESTS_FLAGS="--collect-only" PREPARE_IMAGES=192 LIMIT_SCALE=3 BUDGET_S=${BUDGET_S:-1500} MODEL_ONLY="" COMPILE_ONLY='compile' LOADER_ONLY=""
+    NEEDS_CPU_QUICK="--quick --device cpu" GPU_TESTS_FLAGS="--collect-only" PREPARE_IMAGES=192 LIMIT_SCALE=3
+    BUDGET_S=${BUDGET_S:-1500} MODEL_ONLY="" COMPILE_ONLY='compile|cudagraph' LOADER_ONLY=""
     TRAIN=("$PY" train.py --total-steps 8 --num-threads 1 --log-every 2 --checkpoint-every-steps 4 --image-log-every 0
            --wandb-mode disabled --device cpu --arch resnet18 --stem cifar --crop-size 32 --batch-size 8 --queue-size 64)
     measure_all
