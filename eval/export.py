@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision
 
 import cli
 from model.encoder import build_backbone, use_cifar_stem
@@ -148,6 +147,8 @@ def torchvision_state_template(arch: str, stem: str = "imagenet") -> OrderedDict
 
     With ``stem="cifar"``, of the same network after :func:`model.encoder.use_cifar_stem` (conv1 is 3x3).
     """
+    import torchvision  # here, not at the top: its import costs seconds that --help should not wait for
+
     try:
         builder = torchvision.models.get_model_builder(arch)
     except ValueError:

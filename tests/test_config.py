@@ -168,3 +168,10 @@ def test_train_entry_point_error_is_one_line_with_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "train.py", "--lr", "nan", "--shards", str(tmp_path)], capture_output=True,
                           text=True, cwd=REPO)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: optim.lr must be a finite number; got 'nan'"
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "train.py", "--shards", str(tmp_path), "--batch-size", "12", "--device", "cpu",
+                           "--total-steps", "1", "--run-dir", str(run_dir)], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: the per-rank batch 12 (1 rank(s)) is not divisible by model.split_bn_groups=8 (split shuffle-BN); "
+        "use a batch that is a multiple of 8 or --split-bn-groups that divides 12")
+    assert not run_dir.exists()  # before any work
