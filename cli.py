@@ -151,7 +151,8 @@ def _label(prefix: str, name: str) -> str:
     return "--" + name.replace("_", "-") if prefix == "--" else prefix + name
 
 
-def build(cls: type, values: Mapping[str, Any] | None, source: str = "config", prefix: str = "") -> Any:
+def build(cls: type, values: Mapping[str, Any] | None, source: str = "config", prefix: str = "",
+          construct: bool = True) -> Any:
     """A dataclass from a mapping; fields whose type is a dataclass (groups) take a nested mapping.
 
     Args:
@@ -159,6 +160,8 @@ def build(cls: type, values: Mapping[str, Any] | None, source: str = "config", p
         values: field values (missing ones keep their defaults), strings coerced to the field's type.
         source: where the values come from, named in unknown-key errors (a file name, "command line").
         prefix: how fields are named in errors: ``"data."`` gives ``data.batch_size``, ``"--"`` gives ``--batch-size``.
+        construct: False checks keys and types only and returns the coerced mapping (no ``__post_init__``: a file's
+            values may be valid only together with flags that override some of them).
 
     Raises:
         ConfigError: unknown key, wrong type, non-finite number or invalid value (one line).
@@ -180,10 +183,10 @@ def build(cls: type, values: Mapping[str, Any] | None, source: str = "config", p
     kwargs = {}
     for key, value in values.items():
         if is_group(hints[key]):
-            kwargs[key] = build(hints[key], value, source, prefix=f"{prefix}{key}.")
+            kwargs[key] = build(hints[key], value, source, prefix=f"{prefix}{key}.", construct=construct)
         else:
             kwargs[key] = coerce(value, hints[key], _label(prefix, key))
-    return cls(**kwargs)
+    return cls(**kwargs) if construct else kwargs
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -323,9 +326,9 @@ def parse(cls: type, argv: list[str] | None = None, *, group: str | None = None,
     for name in values:
         if name not in groups:
             raise ConfigError(f"{source}: unknown group '{name}' (expected one of {', '.join(groups)})")
-    if args.config:  # the file's own mistakes named with the file, before flags mix in
+    if args.config:  # unknown keys and wrong types named with the file, before flags mix in
         for name, sub in groups.items():
-            build(sub, values.get(name), source, prefix=f"{name}.")
+            build(sub, values.get(name), source, prefix=f"{name}.", construct=False)
     merged = {}
     for name in groups:
         merged[name] = {**(values.get(name) or {}), **flag_values(args, flags[name])}

@@ -107,7 +107,7 @@ def test_linear_eval_yaml_is_nested_under_linear(tmp_path, capsys):
     (export_main, ["c.pt"], "error: the following arguments are required: --out"),
     (export_main, ["/no/such.pt", "--out", "o.pth"], "error: "),
     (demo.main, ["--steps", "0"], "error: --steps must be > 0; got 0"),
-    (demo.main, ["--images", "many"], "error: --images must be an integer; got 'many'"),
+    (demo.main, ["--seed", "many"], "error: --seed must be an integer; got 'many'"),
     (demo.main, ["--torch-threads=-2"], "error: --torch-threads must be >= 0; got -2"),
 ])
 def test_every_entry_point_reports_mistakes_in_one_line_with_exit_2(main, argv, message, capsys, tmp_path,
@@ -138,3 +138,11 @@ def test_docstring_args_become_help():
     fields = {f.name: f for f in dataclasses.fields(Opts)}
     assert cli.field_help(Opts, fields["alpha"]) == "first line continued here."
     assert cli.field_help(Opts, fields["beta"]) == "second."
+
+
+def test_a_file_value_that_needs_a_flag_is_checked_after_the_flags(tmp_path):
+    path = tmp_path / "lincls.yaml"
+    path.write_text("linear:\n  val_crop: 300\n  val_resize: 256\n")
+    assert cli.parse(LinearEvalConfig, ["--config", str(path), "--val-resize", "320"], group="linear").val_crop == 300
+    with pytest.raises(ConfigError, match=r"linear.val_crop \(300\) must not exceed val_resize \(256\)"):
+        cli.parse(LinearEvalConfig, ["--config", str(path)], group="linear")
