@@ -4,8 +4,8 @@ A Python ``set`` of hex strings costs ~115 bytes per image (the string object, i
 spare room): 115 GB at one billion. Dedup only needs membership of fixed 16-byte blake2b digests, so
 ``DigestSet`` keeps them as two sorted ``uint64`` arrays (the digest's high and low 8 bytes, big-endian) and
 collects new ones in a small Python set that is merged into the arrays, in place, once it holds 1/64 of them.
-The arrays grow by 1/16 at a time through ``realloc`` (``ndarray.resize``), so memory is 16 bytes per digest
-plus at most 1/16 spare capacity plus the small buffer, and no step ever copies the whole set.
+The arrays grow by 1/32 at a time through ``realloc`` (``ndarray.resize``), so memory is 16 bytes per digest
+plus at most 1/32 spare capacity plus the small buffer, and no step ever copies the whole set.
 
 16 bytes rather than 8: among 10^9 random 8-byte digests a false "duplicate" is likely (~3%); among 16-byte
 ones, ~10^-21.
@@ -99,7 +99,7 @@ class DigestSet:
         self._pending = set()
         n, m = self._n, len(new)
         if n + m > len(self._hi):
-            capacity = max(n + m, len(self._hi) + len(self._hi) // 16, 1024)
+            capacity = max(n + m, len(self._hi) + len(self._hi) // 32, 1024)
             self._hi.resize(capacity, refcheck=False)  # realloc: large blocks are remapped, not copied
             self._lo.resize(capacity, refcheck=False)
         hi, lo = self._hi, self._lo

@@ -39,6 +39,8 @@ from shards.groups import GroupWriter, namespace, stats_name, stats_payload, wri
 from shards.manifest import MANIFEST_NAME, Manifest, ManifestError, ShardEntry, read_manifest, write_json_atomic
 from shards.writer import Framed, read_index
 
+_SCAN_BATCH = 2048  # digests per DigestSet call in the scan
+
 # Manifest options that differ between parts by design.
 _PER_PART = ("part", "groups", "inputs", "rejected", "pillow")
 
@@ -225,10 +227,14 @@ def _scan(parts: list[_Part], hash_slice: tuple[int, int]) -> tuple[int, dict[st
             except (KeyError, ValueError) as exc:
                 raise ManifestError(f"{part.stats_path(g)}: bad digests ({exc})") from None
             mine = np.frombuffer(raw, np.dtype((np.void, DIGEST_SIZE)))[prefix_slice(raw, hash_slice)].tobytes()
-            again = np.flatnonzero(seen.add_many(mine))
-            if len(again):
-                duplicates[f"{part.index}/{g}"] = [mine[j * DIGEST_SIZE:(j + 1) * DIGEST_SIZE].hex()
-                                                   for j in again.tolist()]
+            del raw
+            again = []
+            for at in range(0, len(mine), _SCAN_BATCH * DIGEST_SIZE):  # bounds the set's buffer and temporaries
+                chunk = mine[at:at + _SCAN_BATCH * DIGEST_SIZE]
+                again += [chunk[j * DIGEST_SIZE:(j + 1) * DIGEST_SIZE].hex()
+                          for j in np.flatnonzero(seen.add_many(chunk)).tolist()]
+            if again:
+                duplicates[f"{part.index}/{g}"] = again
     return len(seen), duplicates
 
 
