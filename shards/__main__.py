@@ -1,6 +1,6 @@
 """Command line of the shard tools.
 
-    python -m shards build INPUT... --out DIR [--prefix train] [--samples-per-shard 1000] [--max-shard-bytes B]
+    python -m shards build INPUT... --out DIR [--prefix train] [--samples-per-shard 10000] [--max-shard-bytes B]
                            [--short-side 256] [--workers N] [--part i/n] [--labels-from-folders]
     python -m shards verify DIR [--no-dali]
     python -m shards stats DIR

@@ -17,6 +17,7 @@ into one contiguous sequence (see ``shards.merge``).
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import multiprocessing
 import os
@@ -167,6 +168,7 @@ def build_shards(inputs: list[str], out_dir: str | os.PathLike, options: BuildOp
     if reason:
         raise BuildError(f"cannot write to output directory {out}: {reason}")
     _refuse_merged_set(out)
+    _refuse_old_layout(out, options.prefix)
     ns = namespace(options.prefix, options.part)
     classes = class_names(inputs, exclude=out) if options.labels_from_folders else None
     sources = iter_sources(inputs, options.part, exclude=out, labels_from_folders=options.labels_from_folders)
@@ -241,6 +243,15 @@ def _refuse_merged_set(out: Path) -> None:
         return
     if "parts" in options:
         raise BuildError(f"{out} holds a merged set of {options['parts']} parts (manifest.json); use a new --out")
+
+
+def _refuse_old_layout(out: Path | str, prefix: str) -> None:
+    """Shards of the layout before streamed parts (stats per global group, hex hashes) are not resumed or deleted."""
+    if storage.is_url(out):
+        return
+    old = next(Path(out).glob(f"{glob.escape(prefix)}-[0-9][0-9][0-9][0-9][0-9][0-9].stats.json"), None)
+    if old is not None:
+        raise BuildError(f"{out} holds shards of an older layout ({old.name}); build into a new --out")
 
 
 def _keep_complete_groups(out: Path, ns: str, options: BuildOptions, sources: Iterator[Source],

@@ -348,3 +348,11 @@ def test_byte_target_splits_a_group_into_contiguous_names(photo_dir, tmp_path):
     assert manifest.total_samples == 48 and len(_hashes(manifest)) == 48
     assert all(s.bytes <= 150_000 for s in manifest.shards)
     assert verify_shards(tmp_path, dali=True).ok
+
+
+def test_an_older_layout_is_refused_not_deleted(photo_dir, tmp_path):
+    (tmp_path / "train-000000.tar").write_bytes(b"old shard")
+    (tmp_path / "train-000000.stats.json").write_text('{"hashes": []}')
+    with pytest.raises(Exception, match="older layout"):
+        build_shards([str(photo_dir)], tmp_path, _opts())
+    assert (tmp_path / "train-000000.tar").read_bytes() == b"old shard"
