@@ -74,3 +74,16 @@ def test_missing_object_wrong_bucket_and_bad_credentials_are_one_line_errors(s3_
         with pytest.raises(StorageError, match="access denied .*check the credentials") as info:
             call()
         assert "\n" not in str(info.value)
+
+
+def test_a_store_without_its_fsspec_package_is_a_one_line_error(monkeypatch):
+    import importlib
+    import sys
+
+    registered = importlib.import_module("fsspec.registry")._registry  # the classes fsspec has already loaded
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # as if not installed: importing it raises ImportError
+    for name in ("gs", "gcs"):
+        monkeypatch.delitem(registered, name, raising=False)
+    with pytest.raises(StorageError, match=r"gs:// needs the gcsfs package \(pip install gcsfs\)") as info:
+        storage.read_bytes("gs://bucket/shards/manifest.json")
+    assert "\n" not in str(info.value)
