@@ -1,20 +1,25 @@
-"""What every loader backend shares: the stream position over passes, the shard plan, bad-sample counts, output format."""
+"""What every loader backend shares: the stream position over passes and windows, the shard plan, bad-sample counts,
+output format."""
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Any
 
+import numpy as np
 import torch
 
+import distributed
 from config import Config, global_batch
 from distributed import DistInfo
-from pipeline.assignment import ShardPlan
+from pipeline.assignment import RankPass, ShardPlan
 from pipeline.bad_samples import BadSampleLog
 from pipeline.recipes import RECIPES, Recipe
-from shards.manifest import Manifest, read_manifest
+from pipeline.shard_check import ShardCheck, ShardChecks
+from shards.manifest import Manifest, ManifestError, read_manifest
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: dealt by pipeline.assignment's numpy plan, read in windows
 
 
 def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -57,35 +62,58 @@ class Retirer:
 class TrainLoader:
     """What both backends share: the shard plan, the stream position, bad-sample counts, output format.
 
-    Subclasses implement ``_next_batch() -> (view_q, view_k)`` for the current ``(pass_index, batch_in_pass)``
-    and the backend part of ``state_dict``/``load_state_dict``.
+    Subclasses implement ``_next_batch() -> (view_q, view_k)`` for the current window and the backend part of
+    ``state_dict``/``load_state_dict``.
 
-    Pass boundaries: every pass re-deals the shards, so a backend needs a new reader (a DALI pipeline, new
-    DataLoader workers) for the next pass. Built at the boundary, its start-up is a stall of seconds, which a
-    small corpus of a few batches per pass pays every few batches. So once at most ``prepare_ahead`` batches of
-    the pass are left (and at least one has been delivered), ``_prepare_next_pass()`` starts preparing the next
-    pass's reader while this one still delivers, and ``_start_pass()`` switches to it at the boundary. What is
-    prepared is exactly what the boundary would build, so the stream is the same bits with or without it;
-    ``prepare_ahead = None`` turns it off.
+    Windows (``pipeline.assignment``): a pass deals this rank a list of shards, read through
+    ``windows_per_pass`` consecutive windows of at most ``data.window_shards`` shards, window ``w`` yielding
+    ``batches`` of its own. A backend builds one reader (a DALI pipeline, DataLoader workers) per window, so
+    a reader's memory and build time are bounded by the window whatever the rank's share. The stream is a
+    sequence of windows numbered ``serial = pass_index * windows_per_pass + window`` (windows whose quota is 0
+    are skipped); the backends name a window by its serial. The pass's plan is dealt once, when the pass (or its
+    first prepared window) is first needed, and kept while the pass is read.
+
+    Window boundaries (every pass boundary is one): built at the boundary, a reader's start-up is a stall of
+    seconds, which a small corpus of a few batches per pass pays every few batches. So once at most
+    ``prepare_ahead`` batches of the window are left (and at least one has been delivered),
+    ``_prepare_next_window()`` starts preparing the next window's reader while this one still delivers, and
+    ``_start_window()`` switches to it at the boundary. What is prepared is exactly what the boundary would
+    build, so the stream is the same bits with or without it; ``prepare_ahead = None`` turns it off.
     """
 
     backend = ""
-    prepare_ahead: int | None = None  # set by each backend; None: build the next pass's reader at the boundary
+    prepare_ahead: int | None = None  # set by each backend; None: build the next window's reader at the boundary
 
     def __init__(self, cfg: Config, dist: DistInfo):
         self.cfg = cfg
         self.dist = dist
         self.recipe: Recipe = RECIPES[cfg.data.recipe]
         self.manifest: Manifest = read_manifest(cfg.data.shards)  # raises naming a missing shard or index file
+        # Damaged shards (0 bytes, truncated, unusable index) are left out or shrunk before the plan deals them
+        # (pipeline.shard_check). Rank 0 surveys and every rank deals from its verdicts: the same plan everywhere
+        # (a rank that saw other files would yield another number of batches and hang a collective).
+        shared = distributed.is_initialized() and dist.world_size > 1
+        self.shard_checks = ShardChecks(self.manifest, survey=dist.is_main or not shared)
+        if shared:
+            self.shard_checks.adopt(distributed.broadcast_object(self.shard_checks.surveyed))
+        self.manifest = self.shard_checks.readable_manifest()
         self.local_batch_size = global_batch(cfg, dist.world_size) // dist.world_size
-        self.plan = ShardPlan(tuple(s.samples for s in self.manifest.shards), dist.world_size, cfg.run.seed)
-        self.batches_per_pass = self.plan.batches_per_pass(self.local_batch_size)
+        self.plan = ShardPlan(np.fromiter((s.samples for s in self.manifest.shards), dtype=np.int64,
+                                          count=len(self.manifest.shards)), dist.world_size, cfg.run.seed)
+        self.window_shards = cfg.data.window_shards
+        self.windows_per_pass = self.plan.windows_per_pass(self.window_shards)
+        self.batches_per_pass = self.plan.batches_per_pass(self.local_batch_size, self.window_shards)
         self.device = dist.device
         self.dtype = resolve_dtype(cfg, self.device)
+        self._passes: dict[int, RankPass] = {}  # this rank's share of the passes being read or prepared
         self.pass_index = 0
         self.batch_in_pass = 0
+        self.window, self.batch_in_window = self._first_window(0), 0
         self.bad = BadSampleLog()
-        self.passes_prepared_ahead = 0  # boundaries that switched to a reader prepared ahead (not built there)
+        if dist.is_main:  # every rank's survey finds the same: rank 0 counts it (a sum over ranks counts it once)
+            self._note_damage(self.shard_checks.at_start, warn=True)
+        self.windows_prepared_ahead = 0  # window boundaries that switched to a reader prepared ahead (not built there)
+        self.passes_prepared_ahead = 0  # the pass boundaries among them
         self.retirer = Retirer()
 
     # ------------------------------------------------------------------ stream
@@ -93,29 +121,75 @@ class TrainLoader:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.batch_in_pass >= self.batches_per_pass:
-            self.pass_index += 1
-            self.batch_in_pass = 0
-            self._start_pass()
+        if self.batch_in_window >= self.window_batches(self.window_serial):
+            pass_index, self.window = divmod(self.next_window(self.window_serial), self.windows_per_pass)
+            new_pass = pass_index != self.pass_index
+            if new_pass:
+                self.pass_index, self.batch_in_pass = pass_index, 0
+                self._passes = {p: share for p, share in self._passes.items() if p >= pass_index}
+            self.batch_in_window = 0
+            if self._start_window():
+                self.windows_prepared_ahead += 1
+                self.passes_prepared_ahead += new_pass
         views = self._next_batch()
+        self.batch_in_window += 1
         self.batch_in_pass += 1
-        if self.prepare_ahead is not None and self.batches_per_pass - self.batch_in_pass <= self.prepare_ahead:
-            self._prepare_next_pass()
+        left = self.window_batches(self.window_serial) - self.batch_in_window
+        if self.prepare_ahead is not None and left <= self.prepare_ahead:
+            self._prepare_next_window()
         return views
 
     @property
+    def window_serial(self) -> int:
+        """The current window's number in the stream: ``pass_index * windows_per_pass + window``."""
+        return self.pass_index * self.windows_per_pass + self.window
+
+    @property
     def bad_samples(self) -> int:
-        """Corrupt samples found and skipped so far (on this rank)."""
-        return len(self.bad.locations)
+        """Unreadable samples found and skipped so far (on this rank), every sample of a dropped shard included."""
+        return self.bad.count
 
     @property
     def bad_sample_locations(self) -> list[str]:
-        """Where the corrupt samples are, as ``<tar>:<offset>:<member>``."""
+        """Where the unreadable samples are, as ``<tar>:<offset>:<member>`` (dropped shards: ``dropped_shards``)."""
         return list(self.bad.locations)
+
+    @property
+    def dropped_shards(self) -> dict[str, int]:
+        """Shards that cannot be read at all: tar path -> the samples the manifest gives it."""
+        return dict(self.bad.dropped)
+
+    def rank_pass(self, pass_index: int) -> RankPass:
+        """This rank's share of ``pass_index`` (dealt on first use, then kept while the pass is read)."""
+        share = self._passes.get(pass_index)
+        if share is None:
+            share = self.plan.rank_pass(pass_index, self.dist.rank, self.local_batch_size, self.window_shards)
+            self._passes[pass_index] = share
+        return share
 
     def my_shards(self, pass_index: int) -> list[int]:
         """This rank's shard indices for ``pass_index``, in reading order."""
-        return self.plan.assign(pass_index)[self.dist.rank]
+        return self.rank_pass(pass_index).shards.tolist()
+
+    def window_shards_of(self, serial: int) -> np.ndarray:
+        """Shard indices of window ``serial`` of the stream, in reading order."""
+        pass_index, window = divmod(serial, self.windows_per_pass)
+        return self.rank_pass(pass_index).window(window)
+
+    def window_batches(self, serial: int) -> int:
+        """Batches this rank yields from window ``serial`` of the stream."""
+        pass_index, window = divmod(serial, self.windows_per_pass)
+        return int(self.rank_pass(pass_index).batches[window])
+
+    def next_window(self, serial: int) -> int:
+        """The serial of the first window after ``serial`` that yields batches."""
+        serial += 1
+        while self.window_batches(serial) == 0:
+            serial += 1
+        return serial
+
+    def _first_window(self, pass_index: int) -> int:
+        return self.next_window(pass_index * self.windows_per_pass - 1) - pass_index * self.windows_per_pass
 
     # ------------------------------------------------------------------ output format
     def finish(self, views: torch.Tensor) -> torch.Tensor:
@@ -133,28 +207,102 @@ class TrainLoader:
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
-        """The stream position; only plain types and tensors, so ``torch.load(weights_only=True)`` reads it."""
+        """The stream position; only plain types and tensors, so ``torch.load(weights_only=True)`` reads it.
+
+        A few numbers, whatever the rank's share: the shard lists are dealt again from the seed on resume.
+        """
         return {
             "version": STATE_VERSION, "backend": self.backend, "world_size": self.dist.world_size,
             "rank": self.dist.rank, "seed": self.cfg.run.seed, "local_batch_size": self.local_batch_size,
-            "pass_index": self.pass_index, "batch_in_pass": self.batch_in_pass,
-            "shards": self.my_shards(self.pass_index),  # this pass's shard indices (informational: logs, tests)
+            "windows_per_pass": self.windows_per_pass, "pass_index": self.pass_index, "window": self.window,
+            "batch_in_window": self.batch_in_window, "batch_in_pass": self.batch_in_pass,
             "bad_sample_locations": list(self.bad.locations), "bad_batches": self.bad.bad_batches,
+            "dropped_shards": dict(self.bad.dropped),
+            "readable": [len(self.manifest.shards), self.manifest.total_samples],  # what the plan dealt
             **self._backend_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where ``state`` was taken (same backend, world size, seed and batch)."""
+        """Continue exactly where ``state`` was taken (same backend, world size, seed, batch and windows per pass)."""
         expect = {"version": STATE_VERSION, "backend": self.backend, "world_size": self.dist.world_size,
-                  "rank": self.dist.rank, "seed": self.cfg.run.seed, "local_batch_size": self.local_batch_size}
+                  "rank": self.dist.rank, "seed": self.cfg.run.seed, "local_batch_size": self.local_batch_size,
+                  "windows_per_pass": self.windows_per_pass}
         for key, want in expect.items():
             if state.get(key) != want:
-                raise ValueError(f"loader state has {key}={state.get(key)!r} but this run has {want!r}; "
+                hint = " (data.window_shards decides it)" if key == "windows_per_pass" else ""
+                raise ValueError(f"loader state has {key}={state.get(key)!r} but this run has {want!r}{hint}; "
                                  f"an exact resume needs the same value")
         self.pass_index = int(state["pass_index"])
+        self.window = int(state["window"])
+        self.batch_in_window = int(state["batch_in_window"])
         self.batch_in_pass = int(state["batch_in_pass"])
-        self.bad = BadSampleLog(state["bad_sample_locations"], int(state["bad_batches"]))
+        self._passes = {}
+        self.bad = BadSampleLog(state["bad_sample_locations"], int(state["bad_batches"]), state.get("dropped_shards"))
+        readable = [len(self.manifest.shards), self.manifest.total_samples]
+        if state.get("readable", readable) != readable and self.dist.is_main:
+            print(f"warning: the shards that can be read changed since the checkpoint ({state['readable'][0]} shards, "
+                  f"{state['readable'][1]} samples then, {readable[0]} / {readable[1]} now): the data order differs "
+                  "from the uninterrupted run", file=sys.stderr, flush=True)
+        if self.dist.is_main:
+            self._note_damage(self.shard_checks.at_start, warn=False)  # damage found since the checkpoint counts too
         self._load_backend_state(state)
+
+    # ------------------------------------------------------------------ damaged shards
+    def readable_window(self, serial: int) -> list[int]:
+        """The shards the reader of window ``serial`` reads (call it where a reader's shard list is built): the
+        window's shards less those found unreadable. Readers never run dry (they cycle), so the window still
+        yields its quota of batches; a window left with no shard at all reads the readable rest of the rank's
+        share of the pass instead.
+
+        Raises:
+            ManifestError: nothing in the rank's share of the pass can be read.
+        """
+        kept = self.readable_shards(self.window_shards_of(serial).tolist())
+        if not kept:
+            share = self.rank_pass(serial // self.windows_per_pass).shards.tolist()
+            kept = self.readable_shards(share)
+            if not kept:
+                raise ManifestError(f"rank {self.dist.rank}: none of the {len(share)} shards dealt to it can be read "
+                                    f"({', '.join(self.bad.dropped)}); run `python -m shards verify "
+                                    f"{self.manifest.root}`")
+        return kept
+
+    def readable_shards(self, shards: list[int]) -> list[int]:
+        """``shards`` (indices into ``manifest.shards``) less those found unreadable. Each shard is checked once
+        (``pipeline.shard_check``): new damage is counted and logged here, a dropped shard with one warning line."""
+        fresh = [self.shard_checks.check(self.manifest.shards[i]) for i in shards
+                 if not self.shard_checks.is_checked(self.manifest.shards[i])]
+        self._note_damage([c for c in fresh if c.damaged], warn=True, this_rank=True)
+        return [i for i in shards if self.shard_checks.check(self.manifest.shards[i]).usable]
+
+    def note_bad_sample(self, loc: str) -> bool:
+        """Count the unreadable sample at ``loc`` (``<tar>:<offset>:<member>``: it does not decode, or its bytes
+        came back short) and say so once; False if it was known."""
+        if not self.bad.add(loc):
+            return False
+        who = f"rank {self.dist.rank}: " if self.dist.world_size > 1 else ""
+        print(f"warning: {who}skipped an unreadable sample at {loc}", file=sys.stderr, flush=True)
+        return True
+
+    def _note_damage(self, checks: list[ShardCheck], warn: bool, this_rank: bool = False) -> None:
+        """Count the samples ``checks`` found unreadable; with ``warn``, one line per damaged shard on stderr
+        (naming the rank when ``this_rank``: found by this rank's reader, not by every rank's survey)."""
+        who = f"rank {self.dist.rank}: " if this_rank and self.dist.world_size > 1 else ""
+        for check in checks:
+            if not check.usable:
+                samples = self.shard_checks.samples_of.get(check.tar, 0)
+                if self.bad.drop(check.tar, samples) and warn:
+                    print(f"warning: {who}shard {check.tar} dropped ({samples} samples): {check.problem}",
+                          file=sys.stderr, flush=True)
+                continue
+            new = [loc for loc in check.lost if self.bad.add(loc)]
+            if new and warn:
+                print(f"warning: {who}shard {check.tar}: {check.note or 'samples without a .jpg member'}; "
+                      f"{len(new)} samples skipped, the rest is read", file=sys.stderr, flush=True)
+            if check.bad_headers and warn:
+                print(f"warning: {who}shard {check.tar}: {len(check.bad_headers)} corrupt member headers (the first "
+                      f"at offset {check.bad_headers[0].offset}); nothing lost, samples are read at the index's "
+                      "offsets", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         """Release workers, pipelines and temporary files."""
@@ -166,15 +314,20 @@ class TrainLoader:
             pass
 
     # ------------------------------------------------------------------ for subclasses
-    def _start_pass(self) -> None:
+    def _start_window(self) -> bool:
+        """Switch to the reader of the (new) current window: the one prepared ahead, or none (built on demand).
+
+        Returns:
+            Whether it switched to a reader prepared ahead.
+        """
         raise NotImplementedError
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def _prepare_next_pass(self) -> None:
-        """Start preparing pass ``pass_index + 1``'s reader (called after every batch near the end of a pass:
-        a no-op when it is already under way)."""
+    def _prepare_next_window(self) -> None:
+        """Start preparing the reader of window ``next_window(window_serial)`` (called after every batch near the
+        end of a window: a no-op when it is already under way)."""
 
     def _backend_state(self) -> dict[str, Any]:
         return {}

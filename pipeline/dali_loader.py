@@ -1,18 +1,21 @@
 """The DALI backend: per-rank WebDataset shards -> two views on the GPU (or with CPU operators only).
 
-One DALI pipeline per pass and rank, whose reader sees only this rank's shards for that pass (DALI's own
-``num_shards``/``shard_id`` would make every rank open and index every tar). Its position is a DALI
-pipeline checkpoint, which restores the reader and every random generator exactly.
+One DALI pipeline per window (``pipeline.assignment``): its reader sees only the at most ``data.window_shards``
+shards of one window of this rank's share of a pass (DALI's own ``num_shards``/``shard_id`` would make every
+rank open and index every tar; one reader over a rank's whole share indexes every sample it is dealt, ~225 B
+each, and fails past ~32k shards with "Too many open files"). Its position is a DALI pipeline checkpoint, which
+restores the reader and every random generator exactly; at a window boundary there is nothing to restore (the
+next window's pipeline starts from its seeds).
 
 A corrupt sample makes ``pipe.run()`` raise and that batch is lost. We then replay the reader alone
 (same paths, index files and seed, no decoding) up to the failed batch, decode-check its samples on the
 CPU to name the culprit by its ``source_info`` (``tar:offset:member``), drop it from a private copy of
-its shard's index file, and restart the pass's remaining batches with a new pipeline (a fresh reader
-seed, starting again at the first of the rank's shards). The restart is deterministic, so resuming from a
+its shard's index file, and restart the window's remaining batches with a new pipeline (a fresh reader
+seed, starting again at the first of the window's shards). The restart is deterministic, so resuming from a
 checkpoint taken after it still reproduces the uninterrupted stream.
 
-The next pass's pipeline is built ahead, in a background thread, once ``prepare_ahead`` batches of the pass
-are left; the thread also runs its first batch, so at the boundary the loader only swaps pipelines (building
+The next window's pipeline (the next pass's first at a pass boundary) is built ahead, in a background thread,
+once ``prepare_ahead`` batches of the window are left; the thread also runs its first batch, so at the boundary the loader only swaps pipelines (building
 at the boundary cost 0.4-2 s per pass on an H200). It is built from the same paths, filtered indexes and seeds
 as a build at the boundary, hence the same stream; if a corrupt sample is found after it was started (the
 known-bad set changed), it is thrown away and the boundary builds afresh. DALI allows this: the pipeline being
@@ -42,7 +45,7 @@ from pipeline.base import TrainLoader
 from pipeline.dali_graph import two_views
 
 READER = "reader"
-# Batches before the end of a pass at which the next pass's pipeline starts building: about 3 s at DALI GPU's
+# Batches before the end of a window at which the next window's pipeline starts building: about 3 s at DALI GPU's
 # 12 ms per batch of 256 on an H200, where the build and first batch took up to 2 s. Earlier costs only memory
 # (the second pipeline and its first batches wait for the boundary).
 PREPARE_AHEAD = 256
@@ -52,21 +55,21 @@ def _pow2_at_least(n: int, floor: int) -> int:
     return max(floor, 1 << max(0, int(n - 1).bit_length()))
 
 
-class _NextPass:
-    """The pipeline of pass ``pass_index``, built and run for its first batch in a background thread.
+class _NextWindow:
+    """The pipeline of window ``window`` of the stream, built and run for its first batch in a background thread.
 
     Args:
-        pass_index: the pass it reads.
+        window: the window it reads (``TrainLoader.window_serial``).
         bad: the known-bad sample locations it was built without (its filtered indexes).
         build: builds the pipeline (called in the thread).
     """
 
-    def __init__(self, pass_index: int, bad: tuple[str, ...], build: Callable[[], Pipeline]):
-        self.pass_index, self.bad = pass_index, bad
+    def __init__(self, window: int, bad: tuple[str, ...], build: Callable[[], Pipeline]):
+        self.window, self.bad = window, bad
         self.pipe: Pipeline | None = None
         self.first: Any = None  # the first batch's DALI outputs, or the exception its run raised
         self.error: BaseException | None = None  # what building it raised
-        self._thread = threading.Thread(target=self._run, args=(build,), name=f"dali-pass-{pass_index}", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(build,), name=f"dali-window-{window}", daemon=True)
         self._thread.start()
 
     def _run(self, build: Callable[[], Pipeline]) -> None:
@@ -80,7 +83,7 @@ class _NextPass:
         except Exception as exc:  # noqa: BLE001 - a corrupt sample: the loader handles it as if it had run it
             self.first = exc
 
-    def wait(self) -> _NextPass:
+    def wait(self) -> _NextWindow:
         self._thread.join()
         return self
 
@@ -102,35 +105,38 @@ class DaliLoader(TrainLoader):
         if want == "gpu" and self.device.type != "cuda":
             raise ValueError("data.dali_device=gpu needs a CUDA training device")
         self.gpu = want == "gpu"
-        self.restarts = 0  # pipelines restarted in this pass after a corrupt batch
-        self.restart_at = 0  # batch_in_pass at which the current pipeline (re)started its reader
+        self.restarts = 0  # pipelines restarted in this window after a corrupt batch
+        self.restart_at = 0  # batch_in_window at which the current pipeline (re)started its reader
         self._pipe: Pipeline | None = None
         self._first: Any = None  # the current pipeline's first batch when it was run ahead (or its exception)
-        self._next: _NextPass | None = None
+        self._next: _NextWindow | None = None
         self.prepare_ahead = PREPARE_AHEAD
         self._index_dir = Path(tempfile.mkdtemp(prefix="moco-dali-idx-"))
 
     # ------------------------------------------------------------------ building
-    def _paths(self, pass_index: int, bad: BadSampleLog) -> tuple[list[str], list[str]]:
-        """This rank's tar and index paths for ``pass_index``, the samples in ``bad`` filtered out of the index."""
+    def _paths(self, window: int, bad: BadSampleLog) -> tuple[list[str], list[str]]:
+        """The tar and index paths of ``window`` (a serial), the samples in ``bad`` filtered out of the index."""
         drop = bad.names_by_tar()
         tars, indexes = [], []
-        for i in self.my_shards(pass_index):
+        for i in self.readable_window(window):
             entry = self.manifest.shards[i]
             tar, index = str(self.manifest.tar_path(entry)), self.manifest.index_path(entry)
+            # ... and those the shard check found lost (beyond the end of a truncated tar): on every rank, counted
+            # by the one that found them
+            names = drop.get(tar, set()) | {loc.rsplit(":", 1)[1] for loc in self.shard_checks.check(entry).lost}
             tars.append(tar)
-            indexes.append(str(filtered_index(index, drop[tar], self._index_dir) if tar in drop else index))
+            indexes.append(str(filtered_index(index, names, self._index_dir) if names else index))
         return tars, indexes
 
-    def _seed(self, what: str, pass_index: int, restarts: int) -> int:
-        return derive_seed(what, self.cfg.run.seed, pass_index, self.dist.rank, restarts)
+    def _seed(self, what: str, window: int, restarts: int) -> int:
+        return derive_seed(what, self.cfg.run.seed, window, self.dist.rank, restarts)
 
-    def _reader(self, pass_index: int, restarts: int, bad: BadSampleLog):
+    def _reader(self, window: int, restarts: int, bad: BadSampleLog):
         buffer = self.cfg.data.shuffle_buffer
-        tars, indexes = self._paths(pass_index, bad)
+        tars, indexes = self._paths(window, bad)
         return fn.readers.webdataset(
             paths=tars, index_paths=indexes, ext=["jpg"], missing_component_behavior="error",
-            random_shuffle=buffer > 0, initial_fill=max(buffer, 1), seed=self._seed("reader", pass_index, restarts),
+            random_shuffle=buffer > 0, initial_fill=max(buffer, 1), seed=self._seed("reader", window, restarts),
             pad_last_batch=False, name=READER)
 
     def _decoder_args(self) -> dict[str, Any]:
@@ -149,16 +155,16 @@ class DaliLoader(TrainLoader):
                         device_memory_padding=_pow2_at_least(3 * long_side * short, 16 << 20))
         return args
 
-    def _make_pipe(self, pass_index: int, restarts: int, bad: BadSampleLog, checkpoint: bytes | None = None
+    def _make_pipe(self, window: int, restarts: int, bad: BadSampleLog, checkpoint: bytes | None = None
                    ) -> Pipeline:
-        """The pipeline of ``pass_index`` after ``restarts`` restarts, without the samples in ``bad``."""
+        """The pipeline of ``window`` (a serial) after ``restarts`` restarts, without the samples in ``bad``."""
         half = self.gpu and self.dtype == torch.float16
         pipe = Pipeline(
             batch_size=self.local_batch_size, num_threads=self.cfg.data.num_threads,
-            device_id=(self.device.index or 0) if self.gpu else None, seed=self._seed("augment", pass_index, restarts),
+            device_id=(self.device.index or 0) if self.gpu else None, seed=self._seed("augment", window, restarts),
             prefetch_queue_depth=self.cfg.data.prefetch, enable_checkpointing=True, checkpoint=checkpoint)
         with pipe:
-            jpegs = self._reader(pass_index, restarts, bad)
+            jpegs = self._reader(window, restarts, bad)
             q, k = two_views(jpegs, self.recipe, self.cfg.data.crop_size, "mixed" if self.gpu else "cpu",
                              types.FLOAT16 if half else types.FLOAT, "HWC" if self.cfg.data.channels_last else "CHW",
                              self.cfg.data.view_decode, self._decoder_args())
@@ -166,30 +172,32 @@ class DaliLoader(TrainLoader):
         pipe.build()
         return pipe
 
-    def _prepare_next_pass(self) -> None:
+    def _prepare_next_window(self) -> None:
         if self._next is None:
+            upcoming = self.next_window(self.window_serial)  # deals the next pass here, not in the thread
+            self.readable_window(upcoming)  # checked here: the thread only reads the verdicts
             bad = BadSampleLog(self.bad.locations)  # a copy: finds after this point must not reach the thread
-            upcoming = self.pass_index + 1
-            self._next = _NextPass(upcoming, tuple(bad.locations), lambda: self._make_pipe(upcoming, 0, bad))
+            self._next = _NextWindow(upcoming, tuple(bad.locations), lambda: self._make_pipe(upcoming, 0, bad))
 
-    def _start_pass(self) -> None:
+    def _start_window(self) -> bool:
         holder, self._pipe, self._first = [self._pipe], None, None
-        self.retirer.retire(holder)  # its shutdown waits for batches it prefetched beyond the pass
+        self.retirer.retire(holder)  # its shutdown waits for batches it prefetched beyond the window
         self.restarts = 0
         self.restart_at = 0
         upcoming, self._next = self._next, None
         if upcoming is None:
-            return
+            return False
         upcoming.wait()
-        if upcoming.pass_index != self.pass_index or upcoming.bad != tuple(self.bad.locations):
+        if upcoming.window != self.window_serial or upcoming.bad != tuple(self.bad.locations):
             upcoming.discard()  # corrupt samples found since it was started: build afresh without them
-            return
+            return False
         if upcoming.error is not None:
-            upcoming.error.add_note(f"raised while building the DALI pipeline of pass {self.pass_index} "
-                                    "ahead of the pass boundary, in a background thread")
+            upcoming.error.add_note(
+                f"raised while building the DALI pipeline of pass {self.pass_index} (window {self.window} of "
+                f"{self.windows_per_pass}) ahead of the window boundary, in a background thread")
             raise upcoming.error
         self._pipe, self._first = upcoming.pipe, upcoming.first
-        self.passes_prepared_ahead += 1
+        return True
 
     def _discard_next(self) -> None:
         if self._next is not None:
@@ -221,7 +229,7 @@ class DaliLoader(TrainLoader):
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         while True:
             if self._pipe is None:
-                self._pipe = self._make_pipe(self.pass_index, self.restarts, self.bad)
+                self._pipe = self._make_pipe(self.window_serial, self.restarts, self.bad)
             try:
                 first, self._first = self._first, None
                 if isinstance(first, Exception):
@@ -233,17 +241,29 @@ class DaliLoader(TrainLoader):
             return self._to_torch(q), self._to_torch(k)
 
     def _handle_failed_batch(self, exc: Exception) -> None:
-        """Find and record the corrupt sample(s) of the failed batch, then restart the pass's pipeline."""
+        """Find and record the corrupt sample(s) of the failed batch, then restart the window's pipeline."""
         self._drop_pipe()
         self._discard_next()  # built without the sample about to be found; prepared again after the next batch
         self.bad.bad_batches += 1
-        found = [loc for loc in self._scan_failed_batch() if self.bad.add(loc)]
+        try:
+            found = [loc for loc in self._scan_failed_batch() if self.note_bad_sample(loc)]
+        except Exception:  # noqa: BLE001 - the reader itself fails: a shard changed on disk after it was checked
+            found = self._recheck_shards()
         if not found:  # too many bad samples is train.py's call (data.max_bad_samples, summed over ranks)
             raise RuntimeError(f"DALI pipeline failed (no corrupt sample could be identified; {self.bad.bad_batches} "
                                "batches lost): "
                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
         self.restarts += 1
-        self.restart_at = self.batch_in_pass
+        self.restart_at = self.batch_in_window
+
+    def _recheck_shards(self) -> list[str]:
+        """Check this window's shards afresh; return what is newly found unreadable (locations, dropped tars)."""
+        shards = self.readable_window(self.window_serial)
+        seen, dropped = len(self.bad.locations), len(self.bad.dropped)
+        for i in shards:
+            self.shard_checks.forget(self.manifest.shards[i])
+        self.readable_shards(shards)
+        return self.bad.locations[seen:] + list(self.bad.dropped)[dropped:]
 
     def _scan_failed_batch(self) -> list[str]:
         """Replay the reader (no decoding) to the failed batch and return the locations that fail to decode.
@@ -251,13 +271,13 @@ class DaliLoader(TrainLoader):
         With prefetching, DALI may surface the error of any batch up to ``prefetch`` ahead, so those are
         checked too.
         """
-        first = self.batch_in_pass - self.restart_at
+        first = self.batch_in_window - self.restart_at
         last = first + self.cfg.data.prefetch
         pipe = Pipeline(batch_size=self.local_batch_size, num_threads=1, device_id=None,
-                        seed=self._seed("augment", self.pass_index, self.restarts),
+                        seed=self._seed("augment", self.window_serial, self.restarts),
                         prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
         with pipe:
-            jpegs = self._reader(self.pass_index, self.restarts, self.bad)
+            jpegs = self._reader(self.window_serial, self.restarts, self.bad)
             pipe.set_outputs(jpegs, fn.get_property(jpegs, key="source_info"))
         pipe.build()
         bad: list[str] = []
@@ -273,7 +293,9 @@ class DaliLoader(TrainLoader):
 
     # ------------------------------------------------------------------ resume
     def _backend_state(self) -> dict[str, Any]:
-        blob = self._pipe.checkpoint() if self._pipe is not None else b""
+        # At a window boundary the next window's pipeline starts from its seeds: nothing to restore.
+        within = self.batch_in_window < self.window_batches(self.window_serial)
+        blob = self._pipe.checkpoint() if self._pipe is not None and within else b""
         return {"restarts": self.restarts, "restart_at": self.restart_at,
                 "dali_checkpoint": torch.frombuffer(bytearray(blob), dtype=torch.uint8).clone() if blob
                 else torch.zeros(0, dtype=torch.uint8)}
@@ -285,7 +307,7 @@ class DaliLoader(TrainLoader):
         self.restart_at = int(state["restart_at"])
         blob = state["dali_checkpoint"]
         if blob.numel():
-            self._pipe = self._make_pipe(self.pass_index, self.restarts, self.bad,
+            self._pipe = self._make_pipe(self.window_serial, self.restarts, self.bad,
                                          checkpoint=bytes(blob.numpy().tobytes()))
 
     def close(self) -> None:

@@ -1,21 +1,23 @@
-"""The plain PyTorch backend: webdataset tar reading + torchvision.transforms.v2 + DataLoader workers.
+"""The plain PyTorch backend: tar reading at the index offsets + torchvision.transforms.v2 + DataLoader workers.
 
 The baseline for the benchmarks and the fallback where DALI is absent; same recipe, same per-rank shard
-plan. Within a pass, the rank's shards are dealt round-robin to ``W`` streams (one per DataLoader worker,
-``W = min(num_threads, shards of this rank)``). Each stream cycles through its shards forever (reshuffled
-every cycle), so the DataLoader's strict round-robin makes batch ``j`` of the pass come from stream
-``j % W``. Every random draw is seeded from (seed, pass, rank, stream, sample position), so a resumed
-stream skips the samples it already consumed without decoding them and then produces the same bits.
+plan, read window after window (``pipeline.assignment``). Within a window, its shards are dealt round-robin to
+``W`` streams (one per DataLoader worker, ``W = min(num_threads, shards of the window)``). Each stream cycles
+through its shards forever (reshuffled every cycle), so the DataLoader's strict round-robin makes batch ``j`` of
+the window come from stream ``j % W``. Every random draw is seeded from (seed, window serial, rank, stream,
+sample position), so a resumed stream skips the samples it already consumed without decoding them and then
+produces the same bits.
 
-Pass boundaries: each pass has its own DataLoader (the shards, and so the streams, change). A stream stops
-after its share of the pass's batches, so the workers go idle, and shut down at once, when the pass ends
+Window boundaries (every pass boundary is one): each window has its own DataLoader (the shards, and so the
+streams, change). A stream stops after its share of the window's batches, so the workers go idle, and shut down
+at once, when the window ends
 (endless streams kept computing batches nobody would take, and shutting them down waited for those, up to
 5 s per worker). Even idle, a forked worker takes tens of milliseconds to exit (the kernel tears down its
-copy of this process's address space), so the finished pass's DataLoader is shut down in a background thread
+copy of this process's address space), so the finished window's DataLoader is shut down in a background thread
 (``TrainLoader.retirer``).
-The next pass's DataLoader is started ``prepare_ahead`` batches before the end of the pass, so its workers are
-forked and have their first batches ready by the boundary. The fork itself still runs on this thread (in the
-pass, no longer at the boundary): forking from another thread would hold the GIL all the same.
+The next window's DataLoader is started ``prepare_ahead`` batches before the end of the window, so its workers
+are forked and have their first batches ready by the boundary. The fork itself still runs on this thread (in the
+window, no longer at the boundary): forking from another thread would hold the GIL all the same.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
@@ -37,6 +38,8 @@ from pipeline.assignment import derive_seed
 from pipeline.bad_samples import location
 from pipeline.base import TrainLoader
 from pipeline.recipes import Recipe
+from pipeline.shard_check import jpg_file
+from shards import storage
 from shards.writer import read_index
 
 
@@ -58,16 +61,45 @@ def build_view_transform(recipe: Recipe, size: int) -> v2.Compose:
 _MAX_FAILURES_IN_A_ROW = 1000  # a stream that decodes nothing would otherwise spin forever
 
 
+def indexed_samples(urls: list[str], index_of: dict[str, str], lost_of: dict[str, set[str]]) -> Iterator[dict]:
+    """The samples of the tars at ``urls``, in order, read at the offsets of their index.
+
+    Like DALI's reader, this never parses the tar's member headers: a corrupt header (which ends a ``tarfile``
+    walk early, silently) loses nothing. A sample whose bytes come back short (the tar was cut after it was
+    checked) yields ``jpg = None``, so it is counted as unreadable.
+
+    Args:
+        urls: tar paths.
+        index_of: per tar, its (local) index file.
+        lost_of: per damaged tar, the ``.jpg`` members the shard check found unreadable (left out).
+
+    Yields:
+        ``{"__key__", "__url__", "jpg", "offset", "name"}`` per sample with a ``.jpg`` member.
+    """
+    for url in urls:
+        lost = lost_of.get(url, set())
+        records = [(rec.key, *jpg[1:]) for rec in read_index(index_of[url])
+                   if (jpg := jpg_file(rec)) is not None and jpg[3] not in lost]
+        with storage.open_file(url, readahead=storage.READAHEAD) as fh:  # a local path or an s3:// / gs:// URL
+            for key, offset, size, name in records:
+                fh.seek(offset)
+                data = fh.read(size)
+                yield {"__key__": key, "__url__": url, "jpg": data if len(data) == size else None, "offset": offset,
+                       "name": name}
+
+
 def _one_thread_per_worker(_: int) -> None:
     torch.set_num_threads(1)  # parallelism comes from the workers; intra-op threads would oversubscribe the cores
 
 
-class _PassStreams(IterableDataset):
-    """The streams of one pass on one rank; DataLoader worker ``w`` runs stream ``(w + rotate) % W``."""
+class _WindowStreams(IterableDataset):
+    """The streams of one window on one rank; DataLoader worker ``w`` runs stream ``(w + rotate) % W``."""
 
-    def __init__(self, shard_urls: list[str], index_of: dict[str, str], num_streams: int, batch: int, recipe: Recipe,
-                 size: int, buffer: int, seed_parts: tuple, skip: list[int], rotate: int, quota: list[int]):
-        self.shard_urls, self.index_of, self.num_streams, self.batch = shard_urls, index_of, num_streams, batch
+    def __init__(self, shard_urls: list[str], index_of: dict[str, str], lost_of: dict[str, set[str]], num_streams: int,
+                 batch: int, recipe: Recipe, size: int, buffer: int, seed_parts: tuple, skip: list[int], rotate: int,
+                 quota: list[int]):
+        self.shard_urls, self.index_of, self.lost_of = shard_urls, index_of, lost_of
+        self.num_streams, self.batch = num_streams, batch
         self.recipe, self.size, self.buffer, self.seed_parts = recipe, size, buffer, seed_parts
         self.skip, self.rotate, self.quota = skip, rotate, quota  # quota: batches left to yield, per stream
 
@@ -80,7 +112,7 @@ class _PassStreams(IterableDataset):
         while True:
             order = list(mine)
             random.Random(derive_seed("cycle", *self.seed_parts, stream, cycle)).shuffle(order)
-            for sample in wds.tariterators.tarfile_samples([{"url": u} for u in order]):
+            for sample in indexed_samples(order, self.index_of, self.lost_of):
                 if self.buffer <= 1:
                     yield sample
                     continue
@@ -99,23 +131,18 @@ class _PassStreams(IterableDataset):
         if left <= 0:
             return
         transform = build_view_transform(self.recipe, self.size)
-        offsets: dict[str, dict[str, int]] = {}
         views_q, views_k, bad = [], [], []
         failures_in_a_row = 0
         for position, sample in enumerate(self._raw(stream)):
             if position < self.skip[stream]:
                 continue
             try:
-                data = torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8)
+                data = torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8)  # TypeError when read short
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     image = decode_image(data, mode=ImageReadMode.RGB)
             except Exception:  # noqa: BLE001 - any decoder failure: count the sample and skip it
-                url = sample["__url__"]
-                if url not in offsets:
-                    offsets[url] = {f[3]: f[1] for r in read_index(self.index_of[url]) for f in r.files}
-                name = f"{sample['__key__'].rsplit('/', 1)[-1]}.jpg"
-                bad.append(location(url, offsets[url].get(name, -1), name))
+                bad.append(location(sample["__url__"], sample["offset"], sample["name"]))
                 failures_in_a_row += 1
                 if failures_in_a_row > _MAX_FAILURES_IN_A_ROW:
                     shards = ", ".join(self.shard_urls[stream::self.num_streams])
@@ -142,31 +169,35 @@ class TorchLoader(TrainLoader):
     def __init__(self, cfg: Config, dist: DistInfo):
         super().__init__(cfg, dist)
         self._iter: Iterator | None = None
-        self._next: tuple[int, Iterator] | None = None  # (pass, its DataLoader iterator) started ahead
-        # Enough batches for the next pass's workers to start and make their first batch (each worker makes
-        # a whole batch) while this pass's last (prefetch + 1) x workers batches are delivered.
+        self._next: tuple[int, Iterator] | None = None  # (window serial, its DataLoader iterator) started ahead
+        # Enough batches for the next window's workers to start and make their first batch (each worker makes
+        # a whole batch) while this window's last (prefetch + 1) x workers batches are delivered.
         self.prepare_ahead = (cfg.data.prefetch + 1) * max(1, cfg.data.num_threads)
-        self.consumed: list[int] = []  # raw samples consumed per stream in this pass (the resume position)
+        self.consumed: list[int] = []  # raw samples consumed per stream in this window (the resume position)
         mean = torch.tensor(self.recipe.mean).view(1, 3, 1, 1) * 255
         std = torch.tensor(self.recipe.std).view(1, 3, 1, 1) * 255
         self._mean, self._std = mean.to(self.device), std.to(self.device)
 
-    def _num_streams(self, pass_index: int) -> int:
-        return max(1, min(self.cfg.data.num_threads, len(self.my_shards(pass_index))))
+    def _num_streams(self, window: int) -> int:
+        return max(1, min(self.cfg.data.num_threads, len(self.readable_window(window))))
 
-    def _open(self, pass_index: int, consumed: list[int], start: int) -> Iterator:
-        """A DataLoader iterator over batches ``start`` to the end of ``pass_index``, whose streams have already
-        consumed ``consumed`` raw samples (all zero from the start of the pass)."""
-        shards = self.my_shards(pass_index)
+    def _open(self, window: int, consumed: list[int], start: int) -> Iterator:
+        """A DataLoader iterator over batches ``start`` to the end of ``window`` (a serial), whose streams have
+        already consumed ``consumed`` raw samples (all zero from the start of the window)."""
+        shards = self.readable_window(window)
         entries = [self.manifest.shards[i] for i in shards]
         urls = [str(self.manifest.tar_path(e)) for e in entries]
-        index_of = {str(self.manifest.tar_path(e)): str(self.manifest.index_path(e)) for e in entries}
+        # Read at the index's offsets (parsed in the workers); the samples the shard check found lost are left out.
+        index_of = {url: str(self.manifest.index_path(e)) for url, e in zip(urls, entries)}
+        lost_of = {url: {loc.rsplit(":", 1)[1] for loc in found.lost} for url, e in zip(urls, entries)
+                   if (found := self.shard_checks.check(e)).lost}
         streams = len(consumed)
-        # batch j of the pass comes from stream j % streams: stream s owns the j in [start, B) with j = s mod W
-        quota = [len(range(start + (s - start) % streams, self.batches_per_pass, streams)) for s in range(streams)]
-        dataset = _PassStreams(
-            urls, index_of, streams, self.local_batch_size, self.recipe, self.cfg.data.crop_size,
-            max(1, self.cfg.data.shuffle_buffer // streams), (self.cfg.run.seed, pass_index, self.dist.rank),
+        # batch j of the window comes from stream j % streams: stream s owns the j in [start, B) with j = s mod W
+        batches = self.window_batches(window)
+        quota = [len(range(start + (s - start) % streams, batches, streams)) for s in range(streams)]
+        dataset = _WindowStreams(
+            urls, index_of, lost_of, streams, self.local_batch_size, self.recipe, self.cfg.data.crop_size,
+            max(1, self.cfg.data.shuffle_buffer // streams), (self.cfg.run.seed, window, self.dist.rank),
             list(consumed), rotate=start % streams, quota=quota)
         loader = DataLoader(
             dataset, batch_size=None, num_workers=streams, prefetch_factor=self.cfg.data.prefetch,
@@ -174,19 +205,20 @@ class TorchLoader(TrainLoader):
             multiprocessing_context="fork" if torch.multiprocessing.get_start_method(True) in (None, "fork") else None)
         return iter(loader)
 
-    def _prepare_next_pass(self) -> None:
+    def _prepare_next_window(self) -> None:
         if self._next is None:
-            upcoming = self.pass_index + 1
+            upcoming = self.next_window(self.window_serial)
             self._next = (upcoming, self._open(upcoming, [0] * self._num_streams(upcoming), 0))
 
-    def _start_pass(self) -> None:
-        holder, self._iter = [self._iter], None  # its workers have delivered their share of the pass, are idle
+    def _start_window(self) -> bool:
+        holder, self._iter = [self._iter], None  # its workers have delivered their share of the window, are idle
         self.retirer.retire(holder)
-        self.consumed = [0] * self._num_streams(self.pass_index)
+        self.consumed = [0] * self._num_streams(self.window_serial)
         upcoming, self._next = self._next, None
-        if upcoming is not None and upcoming[0] == self.pass_index:
+        if upcoming is not None and upcoming[0] == self.window_serial:
             self._iter = upcoming[1]
-            self.passes_prepared_ahead += 1
+            return True
+        return False
 
     def _shutdown(self) -> None:
         self._iter = None
@@ -195,13 +227,13 @@ class TorchLoader(TrainLoader):
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._iter is None:
-            if len(self.consumed) != self._num_streams(self.pass_index):
-                self.consumed = [0] * self._num_streams(self.pass_index)
-            self._iter = self._open(self.pass_index, self.consumed, self.batch_in_pass)
+            if len(self.consumed) != self._num_streams(self.window_serial):
+                self.consumed = [0] * self._num_streams(self.window_serial)
+            self._iter = self._open(self.window_serial, self.consumed, self.batch_in_window)
         q, k, stream, consumed, bad = next(self._iter)
         self.consumed[stream] = consumed
         for loc in bad:
-            self.bad.add(loc)
+            self.note_bad_sample(loc)
         return self._normalise(q), self._normalise(k)
 
     def _normalise(self, views: torch.Tensor) -> torch.Tensor:
