@@ -138,8 +138,11 @@ def teardown_distributed() -> None:
 # gloo reports a lost peer as a plain RuntimeError that starts with its source location, for example
 # "[.../gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:16002: Connection reset by peer" (peer died) or
 # "[.../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 60000ms for recv operation to complete" (peer
-# stopped or hung for --dist-timeout-s).
+# stopped or hung for --dist-timeout-s). After such a timeout gloo closes every pair of the context, and the
+# operations waiting on them fail with its bare "Application timeout caused pair closure" (seen in DDP's buffer
+# broadcast when a peer was SIGKILLed mid-receive); the peer's side reads "Connection closed by peer".
 _GLOO_ERROR = re.compile(r"^\[[^\]]*gloo[^\]]*\.cc:\d+\]\s*")
+_GLOO_BARE = ("Application timeout caused pair closure", "Connection closed by peer")
 
 
 def peer_failure(exc: BaseException) -> str | None:
@@ -152,7 +155,7 @@ def peer_failure(exc: BaseException) -> str | None:
     message = str(exc).strip()
     if isinstance(exc, torch_dist.DistError):
         return message.splitlines()[0] if message else type(exc).__name__
-    if type(exc) is RuntimeError and _GLOO_ERROR.match(message):
+    if type(exc) is RuntimeError and (_GLOO_ERROR.match(message) or message.startswith(_GLOO_BARE)):
         return _GLOO_ERROR.sub("", message.splitlines()[0]).split(". This is typically")[0]
     return None
 

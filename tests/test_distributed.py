@@ -62,3 +62,23 @@ def test_torch_threads_default_shares_the_usable_cores_among_local_ranks_and_the
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_peer_failures_are_recognised_narrowly():
+    """What gloo and NCCL raise when another rank died or stopped (messages as they come from torch 2.14) is a peer
+    failure with a readable reason; any other error is not, so it surfaces as itself."""
+    gloo = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:16002: "
+            "Connection reset by peer. This is typically caused by a remote worker hanging or bugs in the application.")
+    cases = {
+        RuntimeError(gloo): "Read error [127.0.0.1]:16002: Connection reset by peer",
+        RuntimeError("[/x/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for "
+                     "recv operation to complete"): "Timed out waiting 5000ms for recv operation to complete",
+        RuntimeError("Application timeout caused pair closure"): "Application timeout caused pair closure",
+        torch.distributed.DistBackendError("NCCL communicator was aborted on rank 1.\nmore"):
+            "NCCL communicator was aborted on rank 1.",
+    }
+    for exc, reason in cases.items():
+        assert distributed.peer_failure(exc) == reason
+    for exc in (RuntimeError("CUDA out of memory"), ValueError("Application timeout caused pair closure"),
+                RuntimeError("[model.cc:3] unrelated")):
+        assert distributed.peer_failure(exc) is None

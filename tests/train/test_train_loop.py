@@ -233,3 +233,16 @@ def test_a_dead_rank_fails_the_job_fast_and_a_relaunch_resumes(shard_dir, tmp_pa
     resumed_at = int(re.search(r"resumed from .* at step (\d+)", relaunch.stdout).group(1))
     assert resumed_at % 3 == 0 and 3 <= resumed_at <= reached
     assert max(losses(tmp_path)) == 20
+
+
+def test_knn_monitor_logs_a_point_before_training_and_then_every_knn_every_steps(photo_dir, shard_dir, tmp_path):
+    labelled = tmp_path / "labelled"
+    for i, photo in enumerate(sorted(photo_dir.rglob("*.*"))[:16]):
+        (labelled / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(photo, labelled / f"class{i % 2}" / photo.name)
+    run_dir = tmp_path / "run"
+    run_train(base_args(shard_dir, run_dir, steps=4, batch=8, crop_size=32, backend="pytorch", log_every=2,
+                        knn_every=2, knn_train=labelled, knn_val=labelled, knn_k=5))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "knn_top1" in r] == [0, 2, 4]  # step 0: the random-init baseline
+    assert all(0.0 <= r["knn_top1"] <= 100.0 for r in records if "knn_top1" in r)
