@@ -47,8 +47,10 @@ train_sigterm_resume() {  # $1: seconds. A real run stopped by SIGTERM once it h
   kill -TERM $pid 2>/dev/null
   wait $pid; local rc=$?
   echo "SIGTERM run: exit $rc after ${waited} s; checkpoints: $(ls "$run/checkpoints" 2>/dev/null | tr '\n' ' ')"
+  grep -i "preempted" "$RES/train_sigterm.log"
   [ $rc -eq 0 ] || return 1
   timeout -k 10 $(($1 - waited)) "${cmd[@]}" > "$RES/train_resume.log" 2>&1 || return 1
+  grep -i "resumed from" "$RES/train_resume.log"
   echo "resumed run: exit 0; summary.json: $(head -c 800 "$run/summary.json" 2>/dev/null)"
   rm -rf "$run/checkpoints"  # large; the logs, metrics.jsonl and summary.json stay
 }

@@ -48,9 +48,10 @@ def test_every_stage_of_the_gpu_procedure_runs_on_a_cpu(dry_run):
         assert f"rc=0 {name} " in stages, stages
     assert "skipped" not in stages, stages
     train = (dry_run / "train.log").read_text()
-    assert "SIGTERM run: exit 0" in train and "resumed run: exit 0" in train, train
+    assert "SIGTERM run: exit 0" in train and "preempted by SIGTERM" in train, train
+    assert "resumed from" in train and "resumed run: exit 0" in train, train
     summary = json.loads((dry_run / "run" / "summary.json").read_text())
-    assert summary, summary
+    assert summary["steps"] == 8 and summary["stop_signal"] is None, summary  # the resumed run finished the 8 steps
 
 
 @pytest.mark.slow
