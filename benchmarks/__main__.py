@@ -11,7 +11,8 @@ Run (from the repository root)::
 Suites: ``shards`` (ingest images/s per core vs a naive PIL loop), ``model`` (MoCo step pairs/s, peak memory
 and MFU vs the original-structure baseline, bytes per shuffle-BN strategy), ``pipeline`` (loader pairs/s of
 DALI GPU / DALI CPU / PyTorch on the same shards), ``e2e`` (the real training step fed by the real loader:
-pairs/s, data-wait share, step-time percentiles), ``scaling`` (multi-GPU efficiency; needs > 1 GPU).
+pairs/s, data-wait share, step-time percentiles), ``scaling`` (multi-GPU efficiency; needs > 1 GPU), ``scale``
+(billion-image data path simulated: dealing time vs world size, one rank's loader build time and RSS vs shards).
 Each writes ``<out>/<suite>.json`` (schema in benchmarks/report.py), ``.png`` and ``.md`` and prints a table;
 ``<out>/summary.md`` collects the tables.
 """
@@ -31,7 +32,7 @@ from typing import Literal
 import cli
 from cli import ConfigError, option
 
-ORDER = ("shards", "model", "pipeline", "e2e", "scaling")
+ORDER = ("shards", "model", "pipeline", "e2e", "scaling", "scale")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +94,7 @@ def _suite_module(name: str):
 
     modules = {"shards": "benchmarks.shards_ingest", "model": "benchmarks.model_step",
                "pipeline": "benchmarks.pipeline_throughput", "e2e": "benchmarks.end_to_end",
-               "scaling": "benchmarks.scaling"}
+               "scaling": "benchmarks.scaling", "scale": "benchmarks.scale"}
     return importlib.import_module(modules[name])
 
 

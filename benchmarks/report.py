@@ -51,7 +51,7 @@ from benchmarks.machine import git_provenance
 from benchmarks.timing import Stats
 
 SCHEMA = "moco-dali-bench/2"
-SUITES = ("shards", "model", "pipeline", "e2e", "scaling")
+SUITES = ("shards", "model", "pipeline", "e2e", "scaling", "scale")
 
 Metric = Stats | float | int | None
 

@@ -1,0 +1,344 @@
+"""Scale suite: what a billion-image corpus on a cluster costs the data path, simulated on one machine.
+
+    python -m benchmarks run --suite scale --out results/            # full: 10k / 100k / 1M shards, W 8 to 4,096
+    python -m benchmarks run --suite scale --quick --out results/q   # < 1 min on 2 CPU cores
+
+Three curves (``scale.json``; ``scale_dealing.png``, ``scale_loader.png`` and, when measured, ``scale_shards.png``):
+
+* **Dealing time vs world size** (``pipeline.assignment.ShardPlan``) on fabricated manifests (sample counts only:
+  dealing reads no tar) of 10k, 100k and 1M shards of 10,000 samples (the last one short), W from 8 to 4,096:
+  the plan built once per run (``plan_s``) plus one rank's share of a pass (``pass_s``), against the old
+  pure-Python greedy (``_python_assign``, the code this replaced, O(shards x ranks)) measured in the same run
+  wherever shards x ranks stays within a budget; larger cases are counted skips, never extrapolated.
+* **One rank's loader build time and peak RSS vs shards per rank** (1k, 10k, 100k shards of 100 real JPEGs:
+  10M samples at 100k), with real DALI CPU pipelines over one small real shard hard-linked once per manifest
+  entry (its index file too), one subprocess per point (benchmarks/scale_worker.py), windowed
+  (``data.window_shards``) against one reader over the rank's whole share (the structure before windows).
+  ``build_s`` runs from constructing the loader (manifest, shard checks, dealing) to its first batch; peak RSS
+  includes the next window's reader prepared ahead.
+* **Sharder part memory vs input count**, when ``benchmarks/scale_shards.py`` exists. Its contract:
+  ``measure(out_dir: Path, quick: bool) -> dict`` returning ``{"rows": [{"name": str, "params": {"inputs": int,
+  ...}, "metrics": {"peak_rss_mib": float, ...}}, ...], "notes": [str, ...], "skipped": [{"name", "reason"}]}``
+  (``notes`` and ``skipped`` optional); its rows join this suite's in group ``sharder``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.context import Context
+from benchmarks.report import Column, SuiteResult
+from benchmarks.timing import Stats
+from pipeline.assignment import ShardPlan, derive_seed
+
+REPO = Path(__file__).resolve().parents[1]
+COLUMNS = [
+    Column("deal_s", "dealing s/rank", "{:,.4f}"),
+    Column("pass_s", "per pass s", "{:,.4f}"),
+    Column("build_s", "build s", "{:,.2f}"),
+    Column("peak_rss_mib", "peak RSS MiB", "{:,.0f}"),
+    Column("loader_rss_mib", "RSS over imports MiB", "{:,.0f}"),
+]
+SAMPLES_PER_SHARD = 10_000  # the issue's billion-image corpus: 100k shards of 10k images
+TINY_SAMPLES = 100  # samples in the real shard linked for the loader curve: 100k links = 10M samples
+LOCAL_BATCH = 256
+
+
+def _python_assign(sizes: tuple[int, ...], world_size: int, seed: int, pass_index: int) -> list[list[int]]:
+    """The dealing this suite measures against: ``ShardPlan.assign`` before it was vectorised (pure Python LPT,
+    the least-loaded bin found by a scan over every rank for every shard)."""
+    rng = random.Random(derive_seed("assign", seed, pass_index))
+    tiebreak = list(range(len(sizes)))
+    rng.shuffle(tiebreak)
+    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], tiebreak[i]))
+    bins: list[list[int]] = [[] for _ in range(world_size)]
+    loads = [0] * world_size
+    for i in order:
+        b = min(range(world_size), key=lambda r: (loads[r], r))
+        bins[b].append(i)
+        loads[b] += sizes[i]
+    to_rank = list(range(world_size))
+    rng.shuffle(to_rank)
+    per_rank: list[list[int]] = [[] for _ in range(world_size)]
+    for b, r in enumerate(to_rank):
+        shards = bins[b]
+        rng.shuffle(shards)
+        per_rank[r] = shards
+    return per_rank
+
+
+def _timed(fn: Callable[[], object], repeats: int) -> Stats:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return Stats.of(times)
+
+
+def _fabricated_sizes(shards: int) -> np.ndarray:
+    sizes = np.full(shards, SAMPLES_PER_SHARD, dtype=np.int64)
+    sizes[-1] = 3_217  # the builder's last shard is short
+    return sizes
+
+
+def _label(n: int) -> str:
+    return f"{n // 1_000_000}M" if n >= 1_000_000 and n % 1_000_000 == 0 else f"{n // 1000}k" if n >= 1000 else str(n)
+
+
+# ----------------------------------------------------------------------------- dealing
+
+
+def measure_dealing(result: SuiteResult, shard_counts: tuple[int, ...], worlds: tuple[int, ...], old_budget: int,
+                    repeats: int) -> None:
+    """Rows ``deal <N> shards W=<W>`` (numpy plan) and, within ``old_budget`` shards x ranks, the old dealing."""
+    for n in shard_counts:
+        sizes = _fabricated_sizes(n)
+        for world in worlds:
+            rank = world // 3  # any rank: each computes the same plan and takes its own share
+            deal = _timed(lambda s=sizes, w=world, r=rank: ShardPlan(s, w, seed=0).rank_pass(1, r, LOCAL_BATCH, 256),
+                          repeats)
+            plan = ShardPlan(sizes, world, seed=0)
+            per_pass = _timed(lambda p=plan, r=rank: p.rank_pass(2, r, LOCAL_BATCH, 256), repeats)
+            name = f"deal {_label(n)} shards W={world}"
+            result.add(name, "dealing", {"shards": n, "world_size": world, "samples_per_shard": SAMPLES_PER_SHARD},
+                       deal_s=deal, pass_s=per_pass)
+            if n * world > old_budget:
+                result.skip(f"{name} (old pure Python)", f"{n:,} shards x {world:,} ranks exceeds the baseline's budget "
+                            f"of {old_budget:,} (O(shards x ranks): ~0.13 us each); not extrapolated")
+                continue
+            as_tuple = tuple(sizes.tolist())
+            old = _timed(lambda s=as_tuple, w=world: _python_assign(s, w, 0, 1),
+                         1 if n * world > old_budget // 10 else repeats)
+            result.add(f"{name} (old pure Python)", "baseline", {"shards": n, "world_size": world}, deal_s=old)
+            result.compare(f"dealing {_label(n)} shards W={world}: old / numpy", name, f"{name} (old pure Python)",
+                           "deal_s", lower_is_better=True)
+
+
+# ----------------------------------------------------------------------------- loader build
+
+
+def tiny_shard(work: Path) -> tuple[Path, Path, dict]:
+    """One small real shard (``TINY_SAMPLES`` crops of the embedded photos, 48-64 px) with its index file."""
+    from PIL import Image  # noqa: F401 - the writer's JPEGs come from PIL
+
+    from shards.sample_corpus import random_crop, sample_photos
+    from shards.writer import ShardWriter
+
+    out = work / "scale" / "tiny"
+    tar, idx, meta = out / "tiny.tar", out / "tiny.idx", out / "tiny.json"
+    if tar.is_file() and idx.is_file() and meta.is_file():
+        return tar, idx, json.loads(meta.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    import io
+
+    rng = random.Random(0)
+    photos = list(sample_photos().values())
+    writer = ShardWriter(out, "tiny")
+    for i in range(TINY_SAMPLES):
+        buf = io.BytesIO()
+        random_crop(photos[i % len(photos)], rng, rng.randint(48, 64)).convert("RGB").save(buf, "JPEG", quality=85)
+        writer.write(f"{i:09d}", {"jpg": buf.getvalue(), "json": b"{}"})
+    entry = writer.close()
+    info = {"samples": entry.samples, "bytes": entry.bytes, "max_sample_bytes": entry.max_sample_bytes}
+    meta.write_text(json.dumps(info))
+    return tar, idx, info
+
+
+def linked_shards(work: Path, shards: int) -> Path:
+    """A shard directory whose manifest lists ``shards`` shards, each a hard link to the one tiny shard."""
+    from shards.manifest import Manifest, ShardEntry, write_manifest
+
+    tar, idx, info = tiny_shard(work)
+    out = work / "scale" / f"shards-{shards}"
+    if (out / "manifest.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i in range(shards):
+        name = f"train-{i:07d}"
+        for src, ext in ((tar, "tar"), (idx, "idx")):
+            dst = out / f"{name}.{ext}"
+            if not dst.exists():
+                try:
+                    os.link(src, dst)
+                except OSError:  # a file system without hard links
+                    os.symlink(src, dst)
+        entries.append(ShardEntry(tar=f"{name}.tar", index=f"{name}.idx", samples=info["samples"],
+                                  bytes=info["bytes"], max_sample_bytes=info["max_sample_bytes"]))
+    write_manifest(Manifest(shards=entries, root=out), out)
+    return out
+
+
+def run_worker(shard_dir: Path, window_shards: int, out: Path, timeout: float) -> dict:
+    """One loader point in a fresh process; its JSON (``ok`` False with the error when the loader failed)."""
+    cmd = [sys.executable, "-m", "benchmarks.scale_worker", "--shards-dir", str(shard_dir),
+           "--window-shards", str(window_shards), "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    out.unlink(missing_ok=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timed out after {timeout:.0f} s"}
+    if not out.is_file():
+        tail = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        return {"ok": False, "error": f"worker died: {tail}"}
+    return json.loads(out.read_text())
+
+
+def measure_loader(result: SuiteResult, work: Path, shard_counts: tuple[int, ...], window: int,
+                   single_reader_counts: tuple[int, ...], timeout: float, single_timeout: float) -> None:
+    """Rows ``loader <N> shards/rank`` (windows of ``window`` shards) and ``... single reader`` (the old structure,
+    given ``single_timeout`` seconds: one reader over 100k shards fails only after minutes of indexing)."""
+    for n in shard_counts:
+        shard_dir = linked_shards(work, n)
+        for single in (False, True):
+            if single and n not in single_reader_counts:
+                continue
+            name = f"loader {_label(n)} shards/rank " + ("single reader" if single else f"window={window}")
+            point = run_worker(shard_dir, n if single else window, work / "scale" / f"point-{n}-{int(single)}.json",
+                               single_timeout if single else timeout)
+            if not point["ok"]:
+                result.skip(name, f"failed: {point['error']}")
+                continue
+            result.add(name, "baseline" if single else "loader",
+                       {"shards_per_rank": n, "samples_per_rank": point["samples"], "window_shards": n if single else window,
+                        "windows_per_pass": point["windows_per_pass"], "batches_per_pass": point["batches_per_pass"],
+                        "reader_shards": point["window_shards"]},
+                       build_s=point["build_s"], construct_s=point["construct_s"], first_batch_s=point["first_batch_s"],
+                       peak_rss_mib=point["peak_rss_mib"], import_rss_mib=point["import_rss_mib"],
+                       loader_rss_mib=max(point["peak_rss_mib"] - point["import_rss_mib"], 1e-3),
+                       state_dict_s=point["state_dict_s"])
+            if single:
+                ours = f"loader {_label(n)} shards/rank window={window}"
+                result.compare(f"peak RSS {_label(n)} shards/rank: single reader / windowed", ours, name,
+                               "peak_rss_mib", lower_is_better=True)
+                result.compare(f"build {_label(n)} shards/rank: single reader / windowed", ours, name, "build_s",
+                               lower_is_better=True)
+    windowed = [r for r in result.rows if r.group == "loader"]
+    if len(windowed) > 1:
+        for metric in ("build_s", "peak_rss_mib"):
+            values = [r.value(metric) for r in windowed]
+            result.extra[f"windowed_{metric}_max_over_min"] = max(values) / min(values)
+
+
+# ----------------------------------------------------------------------------- sharder (benchmarks/scale_shards.py)
+
+
+def measure_sharder(result: SuiteResult, work: Path, quick: bool) -> None:
+    if importlib.util.find_spec("benchmarks.scale_shards") is None:
+        result.skip("sharder part memory vs inputs", "benchmarks/scale_shards.py is not in this checkout")
+        return
+    doc = importlib.import_module("benchmarks.scale_shards").measure(work / "scale" / "sharder", quick)
+    for row in doc.get("rows", []):
+        result.add(row["name"], "sharder", row.get("params", {}), **row["metrics"])
+    result.notes += list(doc.get("notes", []))
+    for item in doc.get("skipped", []):
+        result.skip(item["name"], item["reason"])
+
+
+# ----------------------------------------------------------------------------- curves
+
+
+def plot_curves(result: SuiteResult, out_dir: Path) -> list[Path]:
+    """``scale_dealing.png``, ``scale_loader.png`` and (with sharder rows) ``scale_shards.png``."""
+    try:
+        import matplotlib
+    except ImportError:
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    dealing = [r for r in result.rows if r.group in ("dealing", "baseline") and "world_size" in r.params]
+    if dealing:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for n in sorted({r.params["shards"] for r in dealing}):
+            for old in (False, True):
+                pts = sorted((r.params["world_size"], r.value("deal_s")) for r in dealing
+                             if r.params["shards"] == n and (r.group == "baseline") == old)
+                if pts:
+                    ax.plot(*zip(*pts), "s--" if old else "o-",
+                            label=f"{_label(n)} shards, " + ("old pure Python" if old else "numpy (plan + one pass)"))
+        ax.set(xscale="log", yscale="log", xlabel="world size W (ranks)", ylabel="seconds per rank",
+               title="Shard dealing per rank vs world size")
+        ax.axhline(0.5, color="gray", lw=0.8, ls=":")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(out_dir / "scale_dealing.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    loader = [r for r in result.rows if "shards_per_rank" in r.params]
+    if loader:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for single in (False, True):
+            pts = sorted((r.params["shards_per_rank"], r.value("build_s"), r.value("peak_rss_mib")) for r in loader
+                         if (r.group == "baseline") == single)
+            if not pts:
+                continue
+            xs, build, rss = zip(*pts)
+            label = "single reader (before)" if single else f"windows of {loader[0].params['window_shards']} shards"
+            axes[0].plot(xs, build, "s--" if single else "o-", label=label)
+            axes[1].plot(xs, rss, "s--" if single else "o-", label=label)
+        axes[0].set(xscale="log", xlabel="shards per rank (100 samples each)", ylabel="s to the first batch",
+                    title="Loader build time")
+        axes[1].set(xscale="log", xlabel="shards per rank (100 samples each)", ylabel="peak RSS MiB",
+                    title="Loader peak RSS (next window prepared)")
+        for ax in axes:
+            ax.legend(fontsize=7)
+            ax.set_ylim(bottom=0)
+        fig.tight_layout()
+        written.append(out_dir / "scale_loader.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    sharder = [r for r in result.rows if r.group == "sharder" and "inputs" in r.params
+               and r.value("peak_rss_mib") is not None]
+    if sharder:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        pts = sorted((r.params["inputs"], r.value("peak_rss_mib")) for r in sharder)
+        ax.plot(*zip(*pts), "o-")
+        ax.set(xscale="log", xlabel="inputs in the list", ylabel="peak RSS MiB", title="Sharder part memory")
+        ax.set_ylim(bottom=0)
+        fig.tight_layout()
+        written.append(out_dir / "scale_shards.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def run(ctx: Context) -> SuiteResult:
+    if ctx.quick:
+        shard_counts, worlds, old_budget, repeats = (10_000, 100_000), (8, 64, 512), 1_000_000, 3
+        loader_counts, window, single, timeout, single_timeout = (1_000,), 64, (1_000,), 120.0, 120.0
+    else:
+        shard_counts, worlds, old_budget, repeats = (10_000, 100_000, 1_000_000), (8, 32, 128, 512, 1024, 4096), \
+            60_000_000, 3
+        loader_counts, window, single, timeout, single_timeout = (1_000, 10_000, 100_000), 256, (1_000, 10_000, 100_000), \
+            420.0, 150.0
+    config = {"samples_per_shard": SAMPLES_PER_SHARD, "local_batch": LOCAL_BATCH, "dealing_shards": shard_counts,
+              "world_sizes": worlds, "old_dealing_budget": old_budget, "loader_shards_per_rank": loader_counts,
+              "loader_window_shards": window, "loader_samples_per_shard": TINY_SAMPLES,
+              "loader_timeout_s": timeout, "single_reader_timeout_s": single_timeout,
+              "loader": "DALI CPU, 1 thread, batch 32, 32 px, one rank"}
+    result = SuiteResult("scale", config=config, columns=COLUMNS, plot_metric="build_s")
+    measure_dealing(result, shard_counts, worlds, old_budget, repeats)
+    if importlib.util.find_spec("nvidia.dali") is None:
+        result.skip("loader build vs shards per rank", "nvidia-dali is not installed")
+    else:
+        measure_loader(result, ctx.work_dir, loader_counts, window, single, timeout, single_timeout)
+    measure_sharder(result, ctx.work_dir, ctx.quick)
+    written = plot_curves(result, ctx.out_dir)
+    result.notes.append("curves: " + (", ".join(p.name for p in written) if written else "none (no matplotlib)"))
+    return result
