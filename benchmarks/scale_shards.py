@@ -14,11 +14,11 @@ before rows are counted skips.
   the old build listed and sorted every line first (~218 B per input). Every input is still rejected by a real
   worker (``unreadable``), so stats files are written as in a real build.
 * **Dedup bytes per image** (``tracemalloc`` peak over random 16-byte digests): the build's ``DigestSet`` fed
-  in the build's batches (1M digests; quick 200k) and the merge's per-slice scan over synthetic part stats
-  files with 1% planted cross-part duplicates (1M digests in 4 parts; quick 200k), against a Python set of
+  in the build's batches (1M digests; quick 100k) and the merge's per-slice scan over synthetic part stats
+  files with 1% planted cross-part duplicates (1M digests in 4 parts; quick 100k), against a Python set of
   hex strings (what both used to hold). The merge row also checks that it finds exactly the planted duplicates.
 * **Main-process CPU per image** of ``build_shards`` with instant workers (``_instant_workers_build``: 64 real
-  photos converted beforehand, 20k inputs; quick 3k): the cap one build's main process puts on images/s,
+  photos converted beforehand, 20k inputs, best of 2; quick 2k, once): the cap one build's main process puts on images/s,
   whatever the worker count. Inter-process transfer of the results is not in it (it is for both codes the
   same bytes: a JPEG and its metadata). Full runs also write a cProfile of the new main process.
 """
@@ -52,8 +52,8 @@ def measure(out_dir: Path, quick: bool) -> dict[str, Any]:
     if before is None:
         doc["notes"].append("no git history: the 'before' rows are skipped")
     _part_memory(doc, out_dir, before, (10_000, 100_000) if quick else (10_000, 100_000, 1_000_000))
-    _dedup(doc, out_dir, 200_000 if quick else 1_000_000)
-    _main_process(doc, out_dir, before, 3000 if quick else 20_000, profile=not quick)
+    _dedup(doc, out_dir, 100_000 if quick else 1_000_000)
+    _main_process(doc, out_dir, before, 2000 if quick else 20_000, repeats=1 if quick else 2, profile=not quick)
     (out_dir / "scale_shards.json").write_text(json.dumps(doc, indent=1))
     return doc
 
@@ -316,7 +316,8 @@ def _dedup(doc: dict[str, Any], work: Path, count: int) -> None:
 # ----------------------------------------------------------------------------- main-process cost per image
 
 
-def _main_process(doc: dict[str, Any], work: Path, before: Path | None, inputs: int, profile: bool) -> None:
+def _main_process(doc: dict[str, Any], work: Path, before: Path | None, inputs: int, repeats: int,
+                  profile: bool) -> None:
     photos = work / "photos"
     if not (work / "photos.done").is_file():
         try:
@@ -331,7 +332,7 @@ def _main_process(doc: dict[str, Any], work: Path, before: Path | None, inputs: 
     lst = work / f"photos-{inputs}.txt"
     lst.write_text("".join(f"{names[i % len(names)]}\n" for i in range(inputs)))
     results: dict[str, list[float]] = {"after": [], "before": []}
-    for _repeat in range(2):  # interleaved, so both see the same machine load
+    for _repeat in range(repeats):  # interleaved, so both see the same machine load
         for label, tree in (("after", None), ("before", before)):
             if label == "before" and tree is None:
                 continue
@@ -352,7 +353,7 @@ def _main_process(doc: dict[str, Any], work: Path, before: Path | None, inputs: 
                                         "main_images_per_s": round(1 / best, 1)}})
     if results["after"] and results["before"]:
         doc["notes"].append(f"main process: {min(results['before']) / min(results['after']):.1f}x less CPU per image "
-                            "than before (best of 2 interleaved runs each, instant workers)")
+                            f"than before (best of {repeats} interleaved runs each, instant workers)")
     if profile:
         out = Path(tempfile.mkdtemp(dir=work))
         try:

@@ -18,8 +18,8 @@ import base64
 import numpy as np
 
 DIGEST_SIZE = 16
-_MIN_FLUSH = 4096  # buffered digests before the first merge into the sorted arrays
-_MIN_CHUNK = 1 << 12  # elements moved per step of the in-place merge: 1/64 of the set, at least this many
+_MIN_FLUSH = 1024  # buffered digests before the first merge into the sorted arrays
+_MIN_CHUNK = 1 << 12  # elements moved per step of the in-place merge: 1/128 of the set, at least this many
 
 
 class DigestSet:
@@ -95,18 +95,21 @@ class DigestSet:
         """Merge the buffer into the sorted arrays in place (from the back, one chunk at a time)."""
         if not self._pending:
             return
-        new = np.frombuffer(b"".join(sorted(self._pending)), ">u8").astype(np.uint64).reshape(-1, 2)
-        self._pending = set()
-        n, m = self._n, len(new)
+        items = sorted(self._pending)  # bytes order == (high, low) order of the big-endian halves
+        self._pending = set()  # each step frees what the next one no longer needs: the peak stays low
+        raw = b"".join(items)
+        del items
+        pairs = np.frombuffer(raw, ">u8").reshape(-1, 2)
+        nh, nl = pairs[:, 0].astype(np.uint64), pairs[:, 1].astype(np.uint64)
+        del pairs, raw
+        n, m = self._n, len(nh)
         if n + m > len(self._hi):
             capacity = max(n + m, len(self._hi) + len(self._hi) // 32, 1024)
             self._hi.resize(capacity, refcheck=False)  # realloc: large blocks are remapped, not copied
             self._lo.resize(capacity, refcheck=False)
         hi, lo = self._hi, self._lo
-        nh, nl = new[:, 0].copy(), new[:, 1].copy()
-        del new
         pos = np.searchsorted(hi[:n], nh, "left")  # new k lands at pos[k] + k; old t moves up by #(pos <= t)
-        chunk = max(_MIN_CHUNK, n >> 6)  # temporaries ~40 bytes per element of a chunk: < 1 byte per digest
+        chunk = max(_MIN_CHUNK, n >> 7)  # temporaries ~40 bytes per element of a chunk: < 0.5 byte per digest
         for stop in range(n, 0, -chunk):
             start = max(0, stop - chunk)
             first, last = np.searchsorted(pos, [start, stop - 1], "right").tolist()
