@@ -4,7 +4,7 @@ The main process streams the sources of its part (``shards.sources``: no global 
 batches of (index, source) to a pool of worker processes and consumes the results IN INPUT ORDER (a bounded
 window of async batches), so the output does not depend on the number of workers. Workers do all per-image
 work, including the sample's metadata and its tar framing (``shards.writer.frame_sample``); the main process
-only deduplicates (``shards.digests.DigestSet``, ~17 bytes per image) and appends finished frames to the
+only deduplicates (``shards.digests.DigestSet``, < 20 bytes per image) and appends finished frames to the
 shards, group after group (see ``shards.groups``): the complete groups of an interrupted run are kept, their
 digests re-enter the set, and the build continues after them.
 

@@ -4,7 +4,7 @@ Each part deduplicates within itself only (its machine never sees the other part
 
 1. finds the cross-part duplicates from the 16-byte digests in the stats files (no image is decoded): parts
    in order, groups in order, the first occurrence wins. One process holds the digests of one hash-prefix
-   slice (``shards.digests.prefix_slice``) in a ``DigestSet`` (~17 bytes per digest): ``--hash-prefix k/m``
+   slice (``shards.digests.prefix_slice``) in a ``DigestSet`` (< 20 bytes per digest): ``--hash-prefix k/m``
    computes slice k only and writes ``duplicates-kkkk-of-mmmm.json`` into ``--out``, so m machines (or m
    runs) share a corpus too big for one; a duplicate pair always lands in the same slice, so the union of
    the slices is exact. Without the option the merge computes the single slice 0/1 itself, unless a complete
