@@ -130,8 +130,8 @@ def save_checkpoint(state: dict[str, Any], directory: str | os.PathLike, step: i
     resumable = f"the run resumes from {last.name} when relaunched" if last is not None else "no checkpoint exists yet"
     if free < needed:
         raise CheckpointWriteError(
-            f"not enough free space for checkpoint {final}: {free / 2**20:.0f} MiB free, about {needed / 2**20:.0f} MiB "
-            f"needed; free space or lower --keep-checkpoints ({resumable})")
+            f"not enough free space for checkpoint {final}: {free / 2**20:.0f} MiB free, about "
+            f"{needed / 2**20:.0f} MiB needed; free space or lower --keep-checkpoints ({resumable})")
     tmp = directory / f".{final.name}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as fh:
@@ -208,7 +208,8 @@ class Checkpointer:
         failure = None
         if self.dist.is_main:
             model_state = self.model.state_dict()
-            kept = f"the last good checkpoint {self.last_path} is kept" if self.last_path else "no checkpoint was written"
+            kept = (f"the last good checkpoint {self.last_path} is kept" if self.last_path
+                    else "no checkpoint was written")
             try:
                 if not all_finite(model_state):
                     raise NonFiniteState(f"the weights are NaN or infinite at step {step}: training diverged; {kept} "

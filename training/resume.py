@@ -78,7 +78,8 @@ def find_resume_checkpoint(resume: str, directory: str | os.PathLike) -> tuple[P
         try:
             state = load_checkpoint(path)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped, the next one is tried
-            warnings.warn(f"skipping unreadable checkpoint {path}: {type(exc).__name__}: {str(exc)[:200]}", stacklevel=2)
+            warnings.warn(f"skipping unreadable checkpoint {path}: {type(exc).__name__}: {str(exc)[:200]}",
+                          stacklevel=2)
             continue
         if not _is_checkpoint(state):
             warnings.warn(f"skipping checkpoint {path}: not a training checkpoint", stacklevel=2)
@@ -133,8 +134,8 @@ def load_resume_state(resume: str, directory: str | os.PathLike, config: dict[st
                           "Use the checkpoint's values (its run_dir/config.yaml), or a new --run-dir to start over")
     if allowed and verbose:
         length = any(c.startswith(("run.total_steps ", "run.total_samples ")) for c in allowed)
-        print(f"warning: resuming {path.name} with {'; '.join(allowed)}"
-              + (" (the lr and momentum schedules follow the new length)" if length else ""), file=sys.stderr, flush=True)
+        schedule = " (the lr and momentum schedules follow the new length)" if length else ""
+        print(f"warning: resuming {path.name} with {'; '.join(allowed)}{schedule}", file=sys.stderr, flush=True)
     return path, state
 
 

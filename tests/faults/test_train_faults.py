@@ -125,7 +125,7 @@ def test_asking_for_a_gpu_on_a_machine_without_one_is_a_one_line_error(shard_dir
 
 
 def _fake_checkpoint(run_dir: Path, argv: list[str], step: int = 3) -> Path:
-    """A real checkpoint file holding the config a run with ``argv`` resolves to (no weights: only the check reads it)."""
+    """A real checkpoint file with the config a run with ``argv`` resolves to (no weights: only the check reads it)."""
     saved = config_lib.to_dict(cli.parse(config_lib.Config, argv))
     path = run_dir / "checkpoints" / f"step-{step:09d}.pt"
     path.parent.mkdir(parents=True)
