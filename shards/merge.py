@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from shards import storage
 from shards.digests import DIGEST_SIZE, DigestSet, decode_digests, encode_digests, prefix_slice
 from shards.groups import GroupWriter, namespace, stats_name, stats_payload, write_group_stats
 from shards.manifest import MANIFEST_NAME, Manifest, ManifestError, ShardEntry, read_manifest, write_json_atomic
@@ -80,6 +81,7 @@ def find_part_manifests(paths: list[str]) -> list[Path]:
     """Part manifest files from files or directories (``manifest.part-*.json`` inside a directory)."""
     found: list[Path] = []
     for item in paths:
+        _local(item)
         path = Path(item)
         if path.is_file():
             found.append(path)
@@ -104,6 +106,12 @@ def parse_slice(text: str) -> tuple[int, int]:
     return k, m
 
 
+def _local(path: str | os.PathLike) -> None:
+    if storage.is_url(path) or storage.looks_mangled(path):
+        raise ManifestError(f"merge-manifests renames shards, so parts and --out must be local or mounted folders, "
+                            f"not {path}")
+
+
 def find_duplicates(paths: list[str], out_dir: str | os.PathLike, hash_slice: tuple[int, int]) -> dict[str, Any]:
     """Compute the cross-part duplicates of one hash-prefix slice; write them to ``out_dir`` for the merge.
 
@@ -119,6 +127,7 @@ def find_duplicates(paths: list[str], out_dir: str | os.PathLike, hash_slice: tu
     if not (m >= 1 and 0 <= k < m):
         raise ManifestError(f"--hash-prefix must be k/m with 0 <= k < m, got {k}/{m}")
     parts = _load_parts(paths)
+    _local(out_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     held, duplicates = _scan(parts, hash_slice)
@@ -139,6 +148,7 @@ def merge_manifests(paths: list[str], out_dir: str | os.PathLike) -> Manifest:
     """
     parts = _load_parts(paths)
     fingerprint = _fingerprint(parts)
+    _local(out_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     done = _existing_merge(out, fingerprint)

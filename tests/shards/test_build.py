@@ -356,3 +356,14 @@ def test_an_older_layout_is_refused_not_deleted(photo_dir, tmp_path):
     with pytest.raises(Exception, match="older layout"):
         build_shards([str(photo_dir)], tmp_path, _opts())
     assert (tmp_path / "train-000000.tar").read_bytes() == b"old shard"
+
+
+@pytest.mark.parametrize("args", [["s3://bucket/parts", "--out", "{tmp}"], ["{tmp}", "--out", "s3://bucket/merged"]])
+def test_merge_of_object_storage_is_a_one_line_error(args, parts5, tmp_path, capsys):
+    from shards.__main__ import main
+
+    shutil.copytree(parts5, tmp_path, dirs_exist_ok=True)
+    assert main(["merge-manifests", *[a.format(tmp=tmp_path) for a in args]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: merge-manifests renames shards") and len(err.splitlines()) == 1
+    assert not (tmp_path / "manifest.json").exists()
