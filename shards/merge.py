@@ -305,9 +305,12 @@ def _move(src: Path, dst: Path, size: int | None) -> None:
 
 def _remove_leftovers(parts: list[_Part]) -> None:
     """Delete part shard files nothing points at any more (old files of a rewrite interrupted after its commit)."""
+    by_root: dict[Path, list[str]] = {}
     for part in parts:
-        pattern = re.compile(rf"{re.escape(part.ns)}-(\d{{6,}}|g\d{{6,}}-r\d+-\d+)\.(tar|idx)")
-        for path in part.root.iterdir():
+        by_root.setdefault(part.root, []).append(re.escape(part.ns))
+    for root, names in by_root.items():  # one pass over each folder, however many parts share it
+        pattern = re.compile(rf"(?:{'|'.join(names)})-(\d{{6,}}|g\d{{6,}}-r\d+-\d+)\.(tar|idx)")
+        for path in root.iterdir():
             if pattern.fullmatch(path.name):
                 path.unlink(missing_ok=True)
 

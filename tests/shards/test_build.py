@@ -159,6 +159,7 @@ def test_parts_cover_every_input_once_and_merge_like_one_whole_run(parts5, whole
     assert sum(m["options"]["inputs"] for m in manifests) == 62 and all(m["options"]["inputs"] < 62 for m in manifests)
     shared = tmp_path / "shared"
     shutil.copytree(parts5, shared)
+    (shared / "train-p0002-000099.tar").write_bytes(b"left by a rewrite killed after its commit")
     merged = merge_manifests([str(shared)], shared)
     reference = read_manifest(whole)
     assert merged.options["inputs"] == 62 and merged.options["rejected"] == reference.options["rejected"]
