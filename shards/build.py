@@ -184,8 +184,9 @@ def build_shards(inputs: list[str], out_dir: str | os.PathLike, options: BuildOp
         current: _OpenGroup | None = None
         try:
             for batch in _results(_batched(enumerate(sources, group * per), _BATCH), options.workers, job):
-                fresh = tally.seen.add_many(b"".join(r[2] for r in batch if r[2] is not None)).tolist()
-                duplicate = iter(fresh)
+                # One vectorised dedup call per batch (in input order), then one Python step per image.
+                seen_before = tally.seen.add_many(b"".join(r[2] for r in batch if r[2] is not None)).tolist()
+                duplicate = iter(seen_before)
                 for r in batch:
                     if current is None:
                         current = _OpenGroup(out, ns, group, seq, options)
@@ -193,7 +194,7 @@ def build_shards(inputs: list[str], out_dir: str | os.PathLike, options: BuildOp
                     if current.inputs == per:
                         seq = current.finish(tally)
                         group, current = group + 1, None
-                bar.advance(len(batch), fresh.count(False))
+                bar.advance(len(batch), seen_before.count(False))
             if current is not None:
                 seq = current.finish(tally)
                 group, current = group + 1, None
