@@ -35,7 +35,7 @@ from shards.manifest import ManifestError, read_manifest
 from training.checkpoint import Checkpointer, CheckpointWriteError, NonFiniteState
 from training.metrics import MetricsWindow, TrainingFault, check_window
 from training.preemption import PreemptionHandler, requeue_slurm_job
-from training.resume import load_resume_state, restore
+from training.resume import load_resume_state, resolve_artifact, restore
 from training.telemetry import RunLogger
 
 # ------------------------------------------------------------------ the step
@@ -170,7 +170,8 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> dict:
     check_batch_fits(cfg, dist.world_size, global_batch)
     run_dir = Path(cfg.run.run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    resume_path, resume_state = load_resume_state(cfg.run.resume, ckpt_dir, config_lib.to_dict(cfg), dist.is_main)
+    resume = resolve_artifact(cfg.run.resume, config_lib.to_dict(cfg), dist)  # wandb:NAME[:ALIAS] -> its file
+    resume_path, resume_state = load_resume_state(resume, ckpt_dir, config_lib.to_dict(cfg), dist.is_main)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_lib.dump_yaml(cfg))
@@ -205,7 +206,7 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> dict:
     batches = iter(loader)
     model.train()
     if knn is not None and step == 0:  # the random-init baseline every later point is compared with
-        logger.log_eval(0, {"knn_top1": knn.evaluate(model.encoder_q.backbone)})
+        logger.log_eval(0, {"knn_top1": knn.evaluate(model.encoder_q.backbone)}, chance=knn.chance_top1)
     # Signal handlers are restored and loader workers released however the loop ends.
     with PreemptionHandler(cfg.run.checkpoint_every_minutes) as preemption, contextlib.closing(loader):
         while step < total_steps:
@@ -215,6 +216,7 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> dict:
             window.add(train_step(model, optimizer, scaler, view_q, view_k, momentum, amp_dtype, cfg.optim.grad_clip))
             step += 1
             pairs_seen += global_batch
+            logger.advance(step)  # the progress bar moves every step; nothing is read from the device
             if step % cfg.run.log_every == 0 or step == total_steps:
                 logged = window.read(bad_samples=loader.bad_samples)  # the loop's only host sync; summed over ranks
                 logger.log(step, {**logged, "lr": lr, "momentum": momentum, "pairs_seen": pairs_seen,
@@ -224,7 +226,7 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> dict:
                              loader.bad_sample_locations)
             if knn is not None and step % cfg.run.knn_every == 0:
                 with window.paused():  # evaluation is not training time: kept out of pairs/s and step time
-                    logger.log_eval(step, {"knn_top1": knn.evaluate(model.encoder_q.backbone)})
+                    logger.log_eval(step, {"knn_top1": knn.evaluate(model.encoder_q.backbone)}, chance=knn.chance_top1)
             if cfg.run.image_log_every and step % cfg.run.image_log_every == 0:
                 with window.paused():
                     logger.log_images(step, view_q, view_k)

@@ -1,10 +1,11 @@
 """Resume: find the checkpoint to continue from, check it belongs to this run's config, restore everything from it.
 
 ``run.resume`` is "auto" (the newest loadable checkpoint in the run directory; truncated or foreign files are
-skipped with a warning), "none", or a path. A checkpoint stores the config of the run that wrote it; resuming with
-a different model, data stream or optimisation would silently train something else, so every such field that
-differs is named in a one-line error. What only changes how long the run is, what it logs and how often it
-checkpoints may change, with one warning line.
+skipped with a warning), "none", a path, or ``wandb:NAME[:ALIAS]`` (a checkpoint logged as a W&B artifact, fetched
+by ``training.telemetry.checkpoint_from_artifact``). A checkpoint stores the config of the run that wrote it;
+resuming with a different model, data stream or optimisation would silently train something else, so every such
+field that differs is named in a one-line error. What only changes how long the run is, what it logs and how often
+it checkpoints may change, with one warning line.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+import distributed
 from config import ConfigError
 from training.checkpoint import list_checkpoints, load_checkpoint, restore_rng_state
 
@@ -110,6 +112,32 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list
             resumable = name in RESUMABLE or name.startswith(RESUMABLE_PREFIXES)
             (allowed if resumable else forbidden).append(change)
     return forbidden, allowed
+
+
+def resolve_artifact(resume: str, config: dict[str, Any], dist: Any) -> str:
+    """``run.resume`` with a ``wandb:NAME[:ALIAS]`` artifact replaced by its local checkpoint file (else unchanged).
+
+    Rank 0 fetches (online: a download) and shares the path or the error, so every rank stops with the same line.
+
+    Raises:
+        training.telemetry.ArtifactError: unknown artifact or alias, missing or altered file (a user error, exit 2).
+    """
+    from training.telemetry import ARTIFACT_PREFIX, ArtifactError, checkpoint_from_artifact
+
+    if not resume.startswith(ARTIFACT_PREFIX):
+        return resume
+    run = config["run"]
+    outcome: str | ArtifactError | None = None
+    if dist.is_main:
+        try:
+            outcome = str(checkpoint_from_artifact(resume, run["run_dir"], run["wandb_mode"], run["wandb_project"],
+                                                   run["wandb_entity"]))
+        except ArtifactError as exc:
+            outcome = exc
+    outcome = distributed.broadcast_object(outcome)
+    if isinstance(outcome, ArtifactError):
+        raise outcome
+    return outcome
 
 
 def load_resume_state(resume: str, directory: str | os.PathLike, config: dict[str, Any],
