@@ -134,10 +134,14 @@ class DaliLoader(TrainLoader):
     def _reader(self, window: int, restarts: int, bad: BadSampleLog):
         buffer = self.cfg.data.shuffle_buffer
         tars, indexes = self._paths(window, bad)
+        # dont_use_mmap: a mapped tar cut while it is read (cp over it, a failing disk) kills the process with
+        # SIGBUS, no checkpoint, no message; read() instead fails the batch, which _handle_failed_batch recovers
+        # from. The cost is a copy per sample; DALI's docs: mapping gives a small benefit on local file systems,
+        # none on most network ones.
         return fn.readers.webdataset(
             paths=tars, index_paths=indexes, ext=["jpg"], missing_component_behavior="error",
             random_shuffle=buffer > 0, initial_fill=max(buffer, 1), seed=self._seed("reader", window, restarts),
-            pad_last_batch=False, name=READER)
+            pad_last_batch=False, dont_use_mmap=True, name=READER)
 
     def _decoder_args(self) -> dict[str, Any]:
         if not self.gpu:

@@ -92,6 +92,24 @@ def test_damaged_shard_is_skipped_counted_and_named(clean, tmp_path, capsys, cas
     assert len(warnings) == 1 and SHARD in warnings[0] and says in warnings[0], warnings
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shards_cut_while_they_are_read(clean, tmp_path, backend):
+    # Damage after the checks: DALI's reader fails, its replay fails too, the shards are checked afresh and the
+    # pass restarts without the lost samples; the PyTorch backend's reads come back short, each one counted.
+    root = damage.copy_corpus(clean, tmp_path / "shards")
+    loader = build_train_loader(make_cfg(root, backend), DistInfo())
+    loader.prepare_ahead = None  # no reader built ahead of the boundary: pass 1 is built after the damage
+    try:
+        next(loader)
+        lost = [loc for i in range(3) for loc in damage.truncate_inside(
+            root / f"train-{i:06d}.tar", root / f"train-{i:06d}.idx", 8, into=100)]
+        for _ in range(2 * loader.batches_per_pass):
+            assert next(loader)[0].shape == (8, 3, 64, 64)
+        assert sorted(loader.bad_sample_locations) == sorted(lost) and loader.bad_samples == 24
+    finally:
+        loader.close()
+
+
 def test_the_survey_shrinks_the_plan_before_it_deals(clean, tmp_path):
     # Damage visible to stat (size differs from the manifest) changes the plan: 16 + 8 + 16 readable samples.
     root = damage.copy_corpus(clean, tmp_path / "shards")
