@@ -17,9 +17,9 @@ Interface (train.py and the benchmarks use only this)::
 
 Backends: ``dali`` with ``data.dali_device=gpu`` (nvJPEG / hardware decoder, augmentation on the GPU) or
 ``cpu`` (``device_id=None``, CPU operators only), and ``pytorch`` (tar reading at the index offsets +
-torchvision.transforms.v2 + DataLoader workers). A benchmark picks one explicitly with ``config.replace(cfg, data={"backend": "dali",
-"dali_device": "cpu", "num_threads": 8})``. All read the recipes in :mod:`pipeline.recipes` and the shard
-plan in :mod:`pipeline.assignment`.
+torchvision.transforms.v2 + DataLoader workers). A benchmark picks one explicitly with
+``config.replace(cfg, data={"backend": "dali", "dali_device": "cpu", "num_threads": 8})``. All read the recipes
+in :mod:`pipeline.recipes` and the shard plan in :mod:`pipeline.assignment`.
 
 Design choices, explained where they live: ColorJitter's random order is not replicated in DALI because
 with the contrast centred on the mean luma the four jitter operations commute, so a fixed order gives the
@@ -27,8 +27,9 @@ same result up to clamping (:mod:`pipeline.dali_graph`); ranks with more samples
 common batch count rather than short ranks padded with repeats (:mod:`pipeline.assignment`); a corrupt
 sample is located by replaying the reader and excluded through a filtered copy of its index
 (:mod:`pipeline.dali_loader`); a damaged shard (truncated, 0 bytes, unusable index) is found by a cheap check
-before any reader opens it and shrunk or dropped, counted and named (:mod:`pipeline.shard_check`). DALI's shuffle buffer keeps reading across the end of a rank's shard list,
-so a pass may draw a few samples of the (identical) next round of those shards before the last of this
+(:mod:`shards.check`) before any reader opens it, and shrunk or dropped, counted and named
+(:mod:`pipeline.shard_check`). DALI's shuffle buffer keeps reading across the end of a rank's shard list, so a pass
+may draw a few samples of the (identical) next round of those shards before the last of this
 one; the pass boundary is where the shards are re-dealt and the reader replaced (by one prepared ahead of the
 boundary, so that a small corpus does not stall every few batches: :class:`pipeline.base.TrainLoader`).
 

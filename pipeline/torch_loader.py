@@ -38,8 +38,8 @@ from pipeline.assignment import derive_seed
 from pipeline.bad_samples import location
 from pipeline.base import TrainLoader
 from pipeline.recipes import Recipe
-from pipeline.shard_check import jpg_file
 from shards import storage
+from shards.check import jpg_file
 from shards.writer import read_index
 
 

@@ -6,7 +6,7 @@ header giving the indexed size sits before every member's data (else: a corrupt 
 not this tar's), and the index lists exactly the tar's members; (2) every sample has its components, its JPEG
 decodes strictly with Pillow to the size its JSON records, its class index is in range; (3) DALI's
 ``fn.readers.webdataset`` with the written index files and the CPU JPEG decoder reads every sample once.
-The damage kinds are those the training loaders skip (``pipeline.shard_check``); verify names every instance.
+The damage kinds are those the training loaders skip (``shards.check``); verify names every instance.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from pipeline.shard_check import ShardCheck, check_shard
+from shards.check import ShardCheck, check_shard
 from shards.manifest import Manifest, ManifestError, ShardEntry, read_manifest
 from shards.writer import read_index
 

@@ -18,8 +18,8 @@ import torch
 
 from distributed import DistInfo
 from pipeline import build_train_loader
-from pipeline.shard_check import check_shard
 from pipeline.torch_loader import indexed_samples
+from shards.check import check_shard
 from shards.manifest import ManifestError
 from shards.verify import verify_shards
 from tests.conftest import REPO, run_torchrun, write_simple_shards
