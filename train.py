@@ -67,6 +67,13 @@ def set_schedule(optimizer: torch.optim.Optimizer, step: int, total_steps: int, 
     return lr, momentum_at(step, total_steps, cfg.model)
 
 
+def gpu_memory(device: torch.device) -> dict[str, float]:
+    """Peak GPU memory allocated so far (empty on the CPU)."""
+    if device.type != "cuda":
+        return {}
+    return {"gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+
+
 # ------------------------------------------------------------------ model and optimizer
 
 
@@ -256,13 +263,6 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> dict:
     if requeued:
         print(requeued, file=sys.stderr if requeued.startswith("warning") else sys.stdout, flush=True)
     return summary
-
-
-def gpu_memory(device: torch.device) -> dict[str, float]:
-    """Peak GPU memory allocated so far (empty on the CPU)."""
-    if device.type != "cuda":
-        return {}
-    return {"gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30}
 
 
 def main(argv: list[str] | None = None) -> int:
