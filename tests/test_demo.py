@@ -35,6 +35,10 @@ def test_final_line_reports_init_and_trained_knn_with_chance(demo_data, tmp_path
         "first_step": 0, "first": 30.0, "last_step": 300, "last": 41.5, "gain": 11.5, "chance": 10.0}}}
     line = demo.final_line(summary, cfg, tmp_path)
     assert line.startswith("kNN top-1 on 500 held-out digits: 30.0% at random init -> 41.5% after 300 steps "
-                           "(+11.5 points, learned; chance 10%); loss 4.10 -> 3.20 (chance ln(K+1) = 4.17)")
+                           "(+11.5 points, a gain over random init; chance 10%); loss 4.10 -> 3.20 (chance ln(K+1) = "
+                           "4.17)")
+    # 2 standard errors of a 30 % top-1 over 500 queries: 4.1 points.
+    summary["eval"]["knn_top1"].update(last=32.0, gain=2.0)
+    assert "(+2.0 points, no clear gain: within the +-4.1-point noise" in demo.final_line(summary, cfg, tmp_path)
     summary["eval"]["knn_top1"].update(last=25.0, gain=-5.0)
-    assert "(-5.0 points, NOT better than random init" in demo.final_line(summary, cfg, tmp_path)
+    assert "(-5.0 points, below random init" in demo.final_line(summary, cfg, tmp_path)
