@@ -11,11 +11,13 @@ Two presets (``--protocol``), each value overridable by its own flag:
 * ``imagenet`` (default): the paper's numbers above. lr 30 suits MoCo's ImageNet ResNet-50 features, which are
   small in scale (the paper's sec. 4.1 remark); it is far too large for most other features.
 * ``small``: for the short, low-resolution runs this project demonstrates (thousands of images, tens of pixels):
-  30 epochs (lr x0.1 at 18 and 24), crops at the checkpoint's pre-training ``crop_size``, and an lr scaled to the
-  features: 1 / mean squared feature norm, measured on the first batch. Why: the cross-entropy of a linear
-  classifier has curvature at most half the features' second moment (``lambda_max <= E|x|^2 / 2``) and SGD with
-  momentum mu is stable for ``lr * lambda_max < 2 (1 + mu)``, so ``lr = 1 / E|x|^2`` sits ~8x inside the limit
-  whatever the feature scale.
+  30 epochs (lr x0.1 at 18 and 24), crops at the checkpoint's pre-training ``crop_size``, features centred on the
+  first batch's mean, and an lr scaled to the features: 1 / the largest eigenvalue of their covariance, measured on
+  the first batch. Why: the cross-entropy of a linear classifier has curvature at most half the largest eigenvalue
+  of its inputs' second-moment matrix, and SGD with momentum mu is stable for ``lr * curvature < 2 (1 + mu)``, so
+  that lr sits ~8x inside the limit whatever the feature scale. Centring matters: post-ReLU features share a large
+  mean, whose direction would otherwise set the lr and leave the informative directions barely trained. The
+  centring is folded into the bias at the end (``b - W mean``): the saved classifier takes raw features.
 
 A diverging probe stops with a one-line error: the loss (averaged over ranks, read every ``print_every`` steps and
 at each epoch end) turned non-finite or rose above 3x its first value; the message gives the stable lr for the
@@ -76,11 +78,12 @@ class LinearEvalConfig:
     arch: str = _f("", "torchvision architecture; empty: the one recorded in the checkpoint.")
     protocol: Literal["imagenet", "small"] = _f(
         "imagenet", "Preset for the values left at 0 below: imagenet (MoCo's ImageNet protocol: lr 30, 100 epochs, "
-        "224 px) or small (short low-resolution runs such as the demo: lr 1 / mean squared feature norm, 30 epochs, "
-        "the checkpoint's crop size). The module docstring says why.")
+        "224 px) or small (short low-resolution runs such as the demo: centred features, lr 1 / their largest "
+        "covariance eigenvalue, 30 epochs, the checkpoint's crop size). The module docstring says why.")
     epochs: int = _f(0, "Training epochs. 0: the protocol's (imagenet 100 as in MoCo; small 30).")
     lr: float = _f(0.0, "SGD learning rate. 0: the protocol's (imagenet 30 as in MoCo, for its small-scaled "
-                        "features; small 1 / mean squared feature norm, ~1/8 of SGD's stability limit).")
+                        "features; small 1 / the largest covariance eigenvalue of the features, ~1/8 of SGD's "
+                        "stability limit).")
     momentum: float = _f(0.9, "SGD momentum. 0.9 as in MoCo.")
     weight_decay: float = _f(0.0, "Weight decay. 0 as in MoCo.")
     milestones: list[int] = _f([], "Epochs at which lr is multiplied by 0.1. Empty: the protocol's (imagenet 60, 80 "
@@ -176,24 +179,48 @@ def resolve_protocol(cfg: LinearEvalConfig, checkpoint_crop: int | None = None) 
     return out
 
 
-def stable_lr_limit(mean_sq_norm: float, momentum: float) -> float:
+def stable_lr_limit(top_eigenvalue: float, momentum: float) -> float:
     """Largest lr at which heavy-ball SGD stays stable on a linear softmax probe (quadratic model of the loss).
 
-    The cross-entropy Hessian is ``E[(diag(p) - p p^T) (x) x x^T]``, whose largest eigenvalue is at most
-    ``E|x|^2 / 2``; SGD with momentum mu is stable when ``lr * lambda_max < 2 (1 + mu)``.
+    The cross-entropy Hessian is ``E[(diag(p) - p p^T) (x) x x^T]``, whose largest eigenvalue is at most half the
+    largest eigenvalue of ``E[x x^T]`` (``top_eigenvalue``); SGD with momentum mu is stable when
+    ``lr * curvature < 2 (1 + mu)``.
     """
-    return 4.0 * (1.0 + momentum) / max(mean_sq_norm, 1e-12)
+    return 4.0 * (1.0 + momentum) / max(top_eigenvalue, 1e-12)
 
 
-def check_divergence(loss: float, start: float, step: int, lr: float, mean_sq_norm: float, momentum: float) -> None:
-    """Raise :class:`LinearEvalDiverged`, one line saying what to change, if ``loss`` is non-finite or > 3x ``start``."""
+def feature_moments(feats: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """Mean (D), largest eigenvalue of the second-moment matrix and of the covariance, over every rank's ``feats``.
+
+    Args:
+        feats: this rank's N x D features (N may be 0).
+    """
+    feats = feats.double()
+    dim = feats.shape[1]
+    stats = distributed.all_reduce_sum(torch.cat([
+        feats.sum(0), (feats.T @ feats).reshape(-1), torch.tensor([float(feats.shape[0])], device=feats.device,
+                                                                   dtype=torch.float64)]))
+    n = stats[-1].clamp(min=1)
+    mean, second = stats[:dim] / n, stats[dim:-1].reshape(dim, dim) / n
+    cov = second - torch.outer(mean, mean)
+    return mean.float(), torch.linalg.eigvalsh(second).max().item(), torch.linalg.eigvalsh(cov).max().item()
+
+
+def check_divergence(loss: float, start: float, step: int, lr: float, top_eigenvalue: float, momentum: float,
+                     small_lr: float) -> None:
+    """Raise :class:`LinearEvalDiverged`, one line saying what to change, if ``loss`` is non-finite or > 3x ``start``.
+
+    Args:
+        top_eigenvalue: the largest eigenvalue of the probe's inputs' second-moment matrix (sets the stable lr).
+        small_lr: the lr ``--protocol small`` would use on these features.
+    """
     if math.isfinite(loss) and loss <= DIVERGENCE_FACTOR * start:
         return
-    limit = stable_lr_limit(mean_sq_norm, momentum)
+    limit = stable_lr_limit(top_eigenvalue, momentum)
     raise LinearEvalDiverged(
         f"linear eval diverged: loss {loss:.4g} at step {step} (started at {start:.3g}); lr {lr:.4g} is too large for "
-        f"these features (mean squared norm {mean_sq_norm:.3g}; SGD is stable below lr ~{limit:.3g}): pass "
-        f"--protocol small (lr = 1 / mean squared norm = {1 / max(mean_sq_norm, 1e-12):.3g}) or --lr {limit / 8:.2g}")
+        f"these features (largest second-moment eigenvalue {top_eigenvalue:.3g}; SGD is stable below lr "
+        f"~{limit:.3g}): pass --protocol small (centred features, lr {small_lr:.3g}) or --lr {limit / 8:.2g}")
 
 
 def state_hash(module: torch.nn.Module) -> str:
@@ -316,7 +343,8 @@ def run_linear_eval(cfg: LinearEvalConfig, dist: distributed.DistInfo, backbone:
                                          drop_last=False, persistent_workers=cfg.workers > 0)
     step, train_bad, start = 0, 0, time.perf_counter()
     total_steps = cfg.max_steps or cfg.epochs * len(loader)
-    base_lr, mean_sq_norm, start_loss = cfg.lr, math.nan, math.nan
+    base_lr, start_loss, top_eigenvalue, small_lr = cfg.lr, math.nan, math.nan, math.nan
+    center = torch.zeros(feature_dim, device=device)  # subtracted from the features (small protocol: their mean)
     window = torch.zeros(2, device=device)  # loss sum, steps since the last check
     for epoch in range(math.ceil(total_steps / len(loader))):
         sampler.set_epoch(epoch)
@@ -330,14 +358,16 @@ def run_linear_eval(cfg: LinearEvalConfig, dist: distributed.DistInfo, backbone:
             with torch.no_grad():
                 feats = pooled_features(backbone, images) if images.shape[0] else torch.zeros(0, feature_dim, device=device)
             if step == 0:
-                # The features' scale, once (one host sync): it sets the small protocol's lr and the divergence hint.
-                stats = distributed.all_reduce_sum(torch.stack([feats.float().pow(2).sum(), torch.tensor(
-                    float(feats.shape[0]), device=device)]))
-                mean_sq_norm = (stats[0] / stats[1].clamp(min=1)).item()
-                base_lr = base_lr or 1.0 / max(mean_sq_norm, 1e-12)
+                # The features' moments, once (one host sync): the small protocol's centring and lr, the divergence hint.
+                mean, top_second, top_cov = feature_moments(feats)
+                small_lr = 1.0 / max(top_cov, 1e-12)
+                if cfg.protocol == "small":
+                    center = mean.to(device)
+                base_lr = base_lr or small_lr
+                top_eigenvalue = top_cov if cfg.protocol == "small" else top_second
             for group in optimizer.param_groups:
                 group["lr"] = step_lr(epoch, cfg, base_lr)
-            logits = trained(feats)
+            logits = trained(feats - center)
             loss = F.cross_entropy(logits, labels, reduction="sum") / max(labels.shape[0], 1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -354,19 +384,21 @@ def run_linear_eval(cfg: LinearEvalConfig, dist: distributed.DistInfo, backbone:
                 lr_now = optimizer.param_groups[0]["lr"]
                 if dist.is_main and wandb_run is not None:
                     wandb_run.log({"train/loss": mean_loss, "train/lr": lr_now, "train/epoch": epoch}, step=step)
-                check_divergence(mean_loss, start_loss, step, lr_now, mean_sq_norm, cfg.momentum)
+                check_divergence(mean_loss, start_loss, step, lr_now, top_eigenvalue, cfg.momentum, small_lr)
                 if dist.is_main and (step % cfg.print_every == 0 or last):
                     print(f"epoch {epoch} step {step}/{total_steps} loss {mean_loss:.4f} lr {lr_now:.4g} "
                           f"{time.perf_counter() - start:.0f}s", flush=True)
             if last:
                 break
 
+    with torch.no_grad():  # fold the centring into the bias: W (x - c) + b = W x + (b - W c)
+        classifier.bias -= classifier.weight @ center
     result = evaluate_linear(backbone, classifier, val_set, per_rank, cfg.workers, device)
     hash_after = state_hash(backbone)
     if hash_after != hash_before:
         raise RuntimeError(f"the backbone changed during linear evaluation ({hash_before[:12]} -> {hash_after[:12]})")
     result.update(steps=step, train_samples=len(train_set), train_bad=int(distributed.all_reduce_sum(
-        torch.tensor(float(train_bad), device=device)).item()), lr=base_lr, feature_mean_sq_norm=mean_sq_norm,
+        torch.tensor(float(train_bad), device=device)).item()), lr=base_lr, feature_top_eigenvalue=top_eigenvalue,
         protocol=cfg.protocol, backbone_sha256=hash_after, seconds=time.perf_counter() - start)
     if dist.is_main and wandb_run is not None:
         wandb_run.log({"eval/top1": result["top1"], "eval/top5": result["top5"]}, step=step)

@@ -78,7 +78,7 @@ def test_imagenet_lr_diverges_with_a_hint_and_small_protocol_learns(digits_folde
     with pytest.raises(LinearEvalDiverged, match=r"diverged: loss .* lr 30 is too large .* pass --protocol small"):
         run_linear_eval(small_cfg(digits_folders, lr=30.0, max_steps=20), DistInfo(), backbone=backbone)
     result, _ = run_linear_eval(small_cfg(digits_folders, protocol="small", max_steps=40), DistInfo(), backbone=backbone)
-    assert result["top1"] > 20.0 and result["lr"] == pytest.approx(1 / result["feature_mean_sq_norm"])
+    assert result["top1"] > 20.0 and result["lr"] == pytest.approx(1 / result["feature_top_eigenvalue"])
 
 
 def test_changed_backbone_is_detected(digits_folders, monkeypatch):
