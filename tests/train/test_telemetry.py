@@ -3,10 +3,15 @@ view-pair grid, and resuming from a checkpoint logged as a W&B artifact (offline
 
 import json
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from tests.conftest import REPO
+from tests.train.test_train_loop import env as train_env
 from tests.train.wandb_offline import read_offline_run_with_summary
 from training.telemetry import ArtifactError, RunLogger, checkpoint_from_artifact, infonce_chance_loss, view_pair_grid
 
@@ -151,3 +156,23 @@ def test_view_pair_grid_denormalises_side_by_side():
     grid = view_pair_grid(white.to(torch.bfloat16), black, max_pairs=2)
     assert grid.shape == (8, 10, 3) and grid.dtype == torch.uint8
     assert grid[:, :5].min() >= 254 and grid[:, 5:].max() <= 1
+
+
+@pytest.mark.slow
+def test_train_resumes_from_a_checkpoint_artifact_of_an_offline_run(shard_dir, tmp_path):
+    """train.py logs checkpoints as artifacts offline; with the local checkpoints gone, --resume wandb:... continues."""
+    from tests.train.test_train_loop import base_args, losses, run_train
+
+    run_train([*base_args(shard_dir, tmp_path, steps=4, batch=8, crop_size=32, wandb_mode="offline",
+                          checkpoint_every_steps=2), "--wandb-log-checkpoints"])
+    run_id = json.loads((tmp_path / "summary.json").read_text())["wandb_run_id"]
+    first = losses(tmp_path)
+    shutil.rmtree(tmp_path / "checkpoints")  # only W&B's copies remain
+    resumed = run_train(base_args(shard_dir, tmp_path, steps=4, batch=8, crop_size=32, wandb_mode="offline",
+                                  resume=f"wandb:checkpoint-{run_id}:step-2"))
+    assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout, resumed.stdout[-2000:]
+    assert losses(tmp_path) == first  # steps 3-4 again, from the artifact's exact state: the same losses
+    missing = subprocess.run([sys.executable, str(REPO / "train.py"), *base_args(
+        shard_dir, tmp_path, steps=4, batch=8, crop_size=32, resume="wandb:checkpoint-nope")],
+        env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: --resume wandb:checkpoint-nope: no artifact")
