@@ -7,7 +7,6 @@ same losses as from the local copy of the same shards, and a run killed mid-way 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -22,6 +21,7 @@ from shards import storage
 from shards.build import BuildOptions, build_shards
 from shards.manifest import read_manifest
 from tests.conftest import REPO, write_simple_shards
+from tests.train.test_train_loop import losses
 
 STEPS = 6
 
@@ -47,15 +47,6 @@ def _env(server) -> dict[str, str]:
 def _train(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "train.py"), *args], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=300)
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
 
 
 def _names(server, prefix: str) -> list[str]:
@@ -183,7 +174,7 @@ def test_training_from_s3_matches_local_and_resumes_exactly_after_a_kill(backend
     env = _env(s3_server)
     reference = _train(_train_args(local, tmp_path / "local", backend), env)
     assert reference.returncode == 0, reference.stderr[-3000:]
-    expected = _losses(tmp_path / "local")
+    expected = losses(tmp_path / "local")
     assert sorted(expected) == list(range(1, STEPS + 1))
 
     run_dir = tmp_path / "remote"
@@ -193,18 +184,18 @@ def test_training_from_s3_matches_local_and_resumes_exactly_after_a_kill(backend
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while proc.poll() is None and time.monotonic() < deadline:
-        if metrics.exists() and len(_losses(run_dir)) >= 3:
+        if metrics.exists() and len(losses(run_dir)) >= 3:
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.02)
     proc.wait(60)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    reached = max(_losses(run_dir))
+    reached = max(losses(run_dir))
     assert reached < STEPS
     resumed = _train(args, env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {reached // 2 * 2}" in resumed.stdout
-    assert _losses(run_dir) == expected  # from the store: the local run's stream, and exact across the kill
+    assert losses(run_dir) == expected  # from the store: the local run's stream, and exact across the kill
 
 
 def test_training_errors_from_the_store_are_one_line(s3_env, remote_shards, tmp_path, monkeypatch, capsys):
