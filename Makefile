@@ -23,7 +23,7 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	WANDB_MODE=offline WANDB_SILENT=true $(PY) -m pytest -q tests
+	WANDB_MODE=offline WANDB_SILENT=true $(PY) -m pytest -q -n auto --dist loadfile tests
 
 bench-quick: $(STAMP)
 	$(PY) -m benchmarks run --suite all --quick --out results/quick
