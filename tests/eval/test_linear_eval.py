@@ -122,6 +122,7 @@ def test_script_with_checkpoint_and_bad_input(digits_folders, tmp_path, capsys):
     saved = json.loads((tmp_path / "out" / "linear_eval.json").read_text())
     assert saved["steps"] == 2 and saved["config"]["max_steps"] == 2 and "top-1" in capsys.readouterr().out
     import wandb
+
     from tests.train.wandb_offline import read_offline_run_with_summary
 
     wandb.teardown()  # the service writes the offline run file completely when it stops
