@@ -18,7 +18,7 @@ import sys
 from dataclasses import fields, replace
 
 import cli
-from shards.build import BuildError, BuildOptions, build_shards, parse_part
+from shards.build import BuildError, BuildOptions, build_shards
 from shards.manifest import ManifestError
 from shards.sources import InputError
 from shards.storage import StorageError
@@ -53,6 +53,18 @@ def build_parser() -> cli.ArgumentParser:
     return parser
 
 
+def parse_fraction(text: str, flag: str, letters: str, example: str) -> tuple[int, int]:
+    """``"3/64"`` -> (3, 64) for ``--part`` and ``--hash-prefix``; a one-line ConfigError otherwise."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise cli.ConfigError(f"{flag} must look like {letters} (e.g. {example}), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        i_name, n_name = letters.split("/")
+        raise cli.ConfigError(f"{flag} must be {letters} with 0 <= {i_name} < {n_name}, got {text!r}")
+    return i, n
+
+
 def main(argv: list[str] | None = None) -> int:
     errors = (BuildError, InputError, ManifestError, StorageError)  # StorageError: a bad URL, bucket or credentials
     return cli.guard(lambda: _run(build_parser().parse_args(argv)), user_errors=errors)
@@ -63,7 +75,7 @@ def _run(args: argparse.Namespace) -> int:
         options = cli.build(BuildOptions, cli.flag_values(args, [f.name for f in fields(BuildOptions)
                                                                if f.name != "part"]), prefix="--")
         if args.part:
-            options = replace(options, part=parse_part(args.part))
+            options = replace(options, part=parse_fraction(args.part, "--part", "i/n", "3/64"))
         build_shards(args.inputs, args.out, options)
     elif args.command == "verify":
         from shards.verify import verify_shards
@@ -80,10 +92,10 @@ def _run(args: argparse.Namespace) -> int:
 
         print(format_summary(summarize(args.dir)))
     else:
-        from shards.merge import find_duplicates, merge_manifests, parse_slice
+        from shards.merge import find_duplicates, merge_manifests
 
         if args.hash_prefix:
-            found = find_duplicates(args.parts, args.out, parse_slice(args.hash_prefix))
+            found = find_duplicates(args.parts, args.out, parse_fraction(args.hash_prefix, "--hash-prefix", "k/m", "3/16"))
             print(f"slice {args.hash_prefix}: {found['digests']} digests, "
                   f"{sum(map(len, found['duplicates'].values()))} cross-part duplicates -> {args.out}")
             return 0

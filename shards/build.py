@@ -123,17 +123,6 @@ class BuildOptions:
             raise BuildError(f"--part must be i/n with 0 <= i < n, got {self.part[0]}/{self.part[1]}")
 
 
-def parse_part(text: str) -> tuple[int, int]:
-    """``"3/64"`` -> (3, 64); raises BuildError with a one-line message."""
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise BuildError(f"--part must look like i/n (e.g. 3/64), got {text!r}") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise BuildError(f"--part must be i/n with 0 <= i < n, got {text!r}")
-    return i, n
-
-
 def part_manifest_name(part: tuple[int, int] | None) -> str:
     """``manifest.json`` for a whole run, ``manifest.part-0003-of-0064.json`` for a part (parts may share a folder)."""
     return MANIFEST_NAME if part is None else f"manifest.part-{part[0]:04d}-of-{part[1]:04d}.json"

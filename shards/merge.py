@@ -95,17 +95,6 @@ def find_part_manifests(paths: list[str]) -> list[Path]:
     return list(dict.fromkeys(p.resolve() for p in found))
 
 
-def parse_slice(text: str) -> tuple[int, int]:
-    """``"3/16"`` -> (3, 16); raises ManifestError with a one-line message."""
-    try:
-        k, m = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise ManifestError(f"--hash-prefix must look like k/m (e.g. 3/16), got {text!r}") from None
-    if not (m >= 1 and 0 <= k < m):
-        raise ManifestError(f"--hash-prefix must be k/m with 0 <= k < m, got {text!r}")
-    return k, m
-
-
 def _local(path: str | os.PathLike) -> None:
     if storage.is_url(path) or storage.looks_mangled(path):
         raise ManifestError(f"merge-manifests renames shards, so parts and --out must be local or mounted folders, "
