@@ -39,6 +39,7 @@ SCHEMES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://(.*)$")
 _ALMOST_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)")  # "s3:/bucket": a URL that went through Path()
 READAHEAD = 8 << 20  # bytes fetched ahead when a remote file is read front to back (a shard's samples in order)
+LIST_PAGE = 1000  # keys per listing request: the most S3 returns in one
 
 
 class StorageError(ValueError):
@@ -159,10 +160,15 @@ def exists(path: str | os.PathLike) -> bool:
             return False
 
 
+_sizes: dict[str, int] = {}  # URL -> bytes, from listings made with remember_sizes (dropped when we write it)
+
+
 def size(path: str | os.PathLike) -> int:
     """Bytes of the file at ``path`` (FileNotFoundError when there is none)."""
     if not is_url(path):
         return os.stat(path).st_size
+    if path in _sizes:
+        return _sizes[path]
     fs, key = filesystem(path)
     with _errors(path):
         return int(fs.size(key))
@@ -227,21 +233,84 @@ def open_file(path: str | os.PathLike, readahead: int = 0) -> IO[bytes] | _Remot
         return _RemoteFile(path, fs.open(key, "rb", **cache))
 
 
-def list_files(prefix: str | os.PathLike) -> list[tuple[str | Path, int]]:
-    """Every file under the folder or prefix ``prefix`` (recursively), sorted, with its size in bytes.
+def list_files(prefix: str | os.PathLike, page_size: int = LIST_PAGE,
+               remember_sizes: bool = False) -> Iterator[tuple[str | Path, int]]:
+    """Every file under the folder or prefix ``prefix`` (recursively), in key order, with its size in bytes.
 
-    One listing request per 1,000 objects; it also fills fsspec's listing cache, so ``size`` and ``exists`` of
-    the files found cost no further request.
+    A generator that holds one page of the listing at a time, not the whole of it (a prefix of a billion-image
+    corpus holds 10^9 keys): on S3 one ``ListObjectsV2`` request per ``page_size`` keys, each page yielded before
+    the next is asked for, in the store's key order (bytewise); on other stores (``gs://``, through fsspec) one
+    folder listing at a time, walked in that same order; locally one directory at a time, in the order
+    ``sorted`` gives the Paths (as before).
+
+    Args:
+        prefix: local folder or URL prefix (``s3://bucket/shards``: the keys under ``shards/``).
+        page_size: keys per listing request (S3 returns at most 1,000).
+        remember_sizes: keep the sizes listed, so that ``size`` of these files costs no further request (for a
+            manifest's few hundred thousand shard files; not for a corpus of images).
     """
     if not is_url(prefix):
-        root = Path(prefix)
-        return sorted((p, p.stat().st_size) for p in root.rglob("*") if p.is_file())
+        check_url(prefix)
+        yield from _walk_local(Path(prefix))
+        return
     fs, key = filesystem(prefix)
     scheme = prefix.split("://", 1)[0]
-    with _errors(prefix):
-        found = fs.find(key.rstrip("/"), detail=True)
-    return sorted((f"{scheme}://{k}", int(info.get("size") or 0)) for k, info in found.items()
-                  if info.get("type") == "file")
+    pages = _s3_pages(fs, key, page_size) if hasattr(fs, "call_s3") else _walk_fsspec(fs, key.rstrip("/"))
+    with _errors(prefix):  # the store's failures while listing (no bucket, refused credentials) as one line
+        for key_found, nbytes in pages:
+            url = f"{scheme}://{key_found}"
+            if remember_sizes:
+                _sizes[url] = nbytes
+            yield url, nbytes
+
+
+def _s3_pages(fs: Any, key: str, page_size: int) -> Iterator[tuple[str, int]]:
+    """``bucket/key`` and size of each object under ``key/`` on S3, one ListObjectsV2 page at a time."""
+    bucket, _, folder = key.rstrip("/").partition("/")
+    request = {"Bucket": bucket, "Prefix": f"{folder}/" if folder else "", "MaxKeys": page_size}
+    while True:
+        page = fs.call_s3("list_objects_v2", **request, **getattr(fs, "req_kw", {}))
+        for obj in page.get("Contents", []):
+            if not obj["Key"].endswith("/"):  # a zero-byte "folder marker" some tools write is no file
+                yield f"{bucket}/{obj['Key']}", int(obj["Size"])
+        if not page.get("IsTruncated"):
+            return
+        request["ContinuationToken"] = page["NextContinuationToken"]
+
+
+def _walk_fsspec(fs: Any, key: str) -> Iterator[tuple[str, int]]:
+    """Files under ``key`` of any fsspec store, one folder listing at a time, in bytewise order of the key.
+
+    A folder sorts as ``name/`` among its siblings: everything under it then comes out exactly where its full
+    keys sort (``a.jpg`` < ``a/x.jpg`` < ``a0.jpg``).
+    """
+    try:
+        listed = fs.ls(key, detail=True, refresh=True)
+    except FileNotFoundError as exc:
+        if "bucket does not exist" in str(exc) or "NoSuchBucket" in str(exc):
+            raise
+        return
+    entries = sorted(((info["name"].rstrip("/") + ("/" if info.get("type") == "directory" else ""), info)
+                      for info in listed), key=lambda pair: pair[0])
+    for sort_key, info in entries:
+        if sort_key.endswith("/"):
+            if sort_key.rstrip("/") != key:
+                yield from _walk_fsspec(fs, sort_key.rstrip("/"))
+        elif info.get("type") == "file":
+            yield info["name"], int(info.get("size") or 0)
+
+
+def _walk_local(folder: Path) -> Iterator[tuple[Path, int]]:
+    """Files under ``folder``, one directory listing at a time, in the order ``sorted`` gives their Paths."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=True):
+            yield from _walk_local(Path(entry.path))
+        elif entry.is_file():
+            yield Path(entry.path), entry.stat().st_size
 
 
 def has_files(prefix: str | os.PathLike) -> bool:
@@ -283,6 +352,7 @@ def put_file(local: str | os.PathLike, path: str | os.PathLike) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         return
+    _sizes.pop(path, None)
     fs, key = filesystem(path)
     with _errors(path):
         fs.put_file(os.fspath(local), key)  # one PUT, or a multipart upload published only once complete
@@ -299,6 +369,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         return
+    _sizes.pop(path, None)
     fs, key = filesystem(path)
     with _errors(path):
         fs.pipe_file(key, data)
@@ -309,6 +380,7 @@ def remove(path: str | os.PathLike) -> None:
     if not is_url(path):
         Path(path).unlink(missing_ok=True)
         return
+    _sizes.pop(path, None)
     fs, key = filesystem(path)
     with _errors(path):
         try:
@@ -318,6 +390,22 @@ def remove(path: str | os.PathLike) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- local copies
+def download(path: str | os.PathLike, local: str | os.PathLike) -> Path:
+    """Copy the file at ``path`` to the local file ``local``, streamed (never whole in memory); returns ``local``.
+
+    One GET for an object, its body written as it arrives.
+    """
+    local = Path(local)
+    if not is_url(path):
+        check_url(path)
+        shutil.copyfile(path, local)
+        return local
+    fs, key = filesystem(path)
+    with _errors(path):
+        fs.get_file(key, os.fspath(local))
+    return local
+
+
 _cache_lock = threading.Lock()
 _cache: dict[str, Path] = {}
 _cache_dir: list[Path] = []  # [folder] once made, with the id of the process that removes it at exit

@@ -1,17 +1,21 @@
 """`shards stats`: totals, rejections by reason and a histogram of sample sizes, from manifest, index and stats files.
 
 Nothing is decoded: sample sizes come from the index files (the JPEG member's size), rejections from the
-per-group stats files, so this is cheap on any number of shards.
+per-group stats files, so this is cheap on any number of shards. In object storage (``s3://bucket/shards``) each
+index is streamed to a scratch file, parsed and deleted: no tar is read, one GET per index file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from shards import storage
 from shards.manifest import read_manifest
-from shards.writer import read_index
+from shards.writer import SampleRecord, read_index
 
 
 @dataclass
@@ -34,22 +38,35 @@ def summarize(path: str | os.PathLike) -> ShardSummary:
     out = ShardSummary(shards=len(manifest.shards), samples=manifest.total_samples, bytes=manifest.total_bytes,
                        classes=len(manifest.classes or []))
     out.samples_per_shard = (min(s.samples for s in manifest.shards), max(s.samples for s in manifest.shards))
-    for shard in manifest.shards:
-        for rec in read_index(manifest.index_path(shard)):
-            size = next((s for ext, _o, s, _n in rec.files if ext == "jpg"), 0)
-            bucket = 1 << max(size.bit_length() - 1, 0)
-            out.size_histogram[bucket] = out.size_histogram.get(bucket, 0) + 1
+    with tempfile.TemporaryDirectory(prefix="moco-stats-") as scratch:
+        for shard in manifest.shards:
+            for rec in _index_records(manifest.index_url(shard), Path(scratch)):
+                size = next((s for ext, _o, s, _n in rec.files if ext == "jpg"), 0)
+                bucket = 1 << max(size.bit_length() - 1, 0)
+                out.size_histogram[bucket] = out.size_histogram.get(bucket, 0) + 1
     out.size_histogram = dict(sorted(out.size_histogram.items()))
     if "inputs" in manifest.options:  # written by build and merge-manifests (covers groups that kept no sample)
         out.inputs, out.rejected = manifest.options["inputs"], dict(manifest.options.get("rejected", {}))
     else:  # a manifest from elsewhere: add up whatever stats files it points at
         for name in dict.fromkeys(s.stats for s in manifest.shards if s.stats):
-            stats = json.loads((manifest.root / name).read_text())
+            stats = json.loads(storage.read_text(storage.join(manifest.root, name)))
             out.inputs += stats["inputs"]
             for reason, count in stats["rejected"].items():
                 out.rejected[reason] = out.rejected.get(reason, 0) + count
     out.rejected = dict(sorted(out.rejected.items()))
     return out
+
+
+def _index_records(index: str | Path, scratch: Path) -> list[SampleRecord]:
+    """The records of the index file ``index``; one in object storage is streamed to ``scratch`` and deleted after
+    parsing (not kept, as the loaders' per-process copies are: the indexes of 10^9 samples take ~100 GB)."""
+    if not storage.is_url(index):
+        return read_index(index)
+    local = storage.download(index, scratch / storage.name(index))
+    try:
+        return read_index(local)
+    finally:
+        local.unlink()
 
 
 def format_summary(s: ShardSummary) -> str:

@@ -11,14 +11,20 @@ The damage kinds are those the training loaders skip (``shards.check``); verify 
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import io
 import json
 import os
 import tarfile
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from PIL import Image
 
+from shards import storage
 from shards.check import ShardCheck, check_shard
 from shards.manifest import Manifest, ManifestError, ShardEntry, read_manifest
 from shards.writer import read_index
@@ -39,7 +45,11 @@ class VerifyReport:
 
 
 def verify_shards(path: str | os.PathLike, dali: bool = True, max_errors: int = 50) -> VerifyReport:
-    """Check the shard set at ``path`` (manifest.json or its directory).
+    """Check the shard set at ``path`` (manifest.json or its directory, local or in object storage).
+
+    In object storage (``s3://bucket/shards``) the manifest's files are found with one listing, and each shard's
+    tar and index are streamed to a scratch folder (the next shard's while this one is checked) and checked
+    there exactly as local files are, then deleted: one GET per file, one shard's worth of local disk.
 
     Args:
         path: the manifest or its directory.
@@ -56,31 +66,19 @@ def verify_shards(path: str | os.PathLike, dali: bool = True, max_errors: int = 
         report.errors.append(str(exc))
         return report
     num_classes = len(manifest.classes) if manifest.classes else 0
-    for shard in manifest.shards:
-        report.shards += 1
-        tar_path, idx_path = manifest.tar_path(shard), manifest.index_path(shard)
-        missing = [p for p in (tar_path, idx_path) if not p.is_file()]
-        if missing:
-            report.errors.extend(f"{p.name}: missing {'shard' if p == tar_path else 'index file'}" for p in missing)
-            continue
-        check = check_shard(tar_path, idx_path, all_headers=True)
-        if check.problem:  # the shard cannot be read at all: its samples are not looked at one by one
-            report.errors.append(f"{tar_path.name}: {check.problem}")
-            continue
-        report.errors.extend(_structure_problems(manifest, shard, check))
-        size = tar_path.stat().st_size
-        records = read_index(idx_path)
-        with open(tar_path, "rb") as fh:
-            for rec in records:
-                if any(offset + length > size for _ext, offset, length, _name in rec.files):
-                    continue  # beyond the end of a truncated tar: reported once per shard
-                report.samples += 1
-                problem = _check_sample(fh, rec.files, num_classes)
-                if problem:
-                    _ext, offset, _size, name = next((f for f in rec.files if f[0] == "jpg"), rec.files[0])
-                    report.errors.append(f"{tar_path.name}:{offset}:{name}: {problem}")
-        if len(report.errors) >= max_errors:
-            return report
+    with tempfile.TemporaryDirectory(prefix="moco-verify-") as scratch, \
+            contextlib.closing(_shard_files(manifest, Path(scratch))) as shards:  # closed (fetch done) before rmtree
+        for shard, tar_path, idx_path, missing in shards:
+            report.shards += 1
+            if missing:
+                report.errors.extend(missing)
+                continue
+            report.errors.extend(_check_one_shard(shard, tar_path, idx_path, num_classes, report))
+            if storage.is_url(manifest.root):
+                tar_path.unlink(missing_ok=True)
+                idx_path.unlink(missing_ok=True)
+            if len(report.errors) >= max_errors:
+                return report
     if dali and not report.errors:
         report.dali_samples, problem = dali_read_all(manifest)
         if problem:
@@ -90,10 +88,64 @@ def verify_shards(path: str | os.PathLike, dali: bool = True, max_errors: int = 
     return report
 
 
-def _structure_problems(manifest: Manifest, shard: ShardEntry, check: ShardCheck) -> list[str]:
+def _shard_files(manifest: Manifest, scratch: Path) -> Iterator[tuple[ShardEntry, Path, Path, list[str]]]:
+    """Each shard with local paths of its tar and index and what is missing of them (``<name>: missing ...``).
+
+    Local shards are their own paths. In object storage the files present are listed once, and each shard's
+    tar and index are downloaded into ``scratch`` one shard ahead (the download overlaps the checks).
+    """
+    remote = storage.is_url(manifest.root)
+    present = {url for url, _size in storage.list_files(manifest.root)} if remote else None
+
+    def fetch(k: int, shard: ShardEntry) -> tuple[ShardEntry, Path, Path, list[str]]:
+        tar, idx = manifest.tar_path(shard), manifest.index_url(shard)
+        kinds = {tar: "shard", idx: "index file"}
+        missing = [p for p in (tar, idx) if not (p in present if remote else Path(p).is_file())]
+        if not remote or missing:
+            return shard, Path(tar), Path(idx), [f"{storage.name(p)}: missing {kinds[p]}" for p in missing]
+        folder = scratch / str(k % 2)  # two slots: the shard being checked and the one being fetched
+        folder.mkdir(exist_ok=True)
+        try:
+            return shard, *(storage.download(p, folder / storage.name(p)) for p in (tar, idx)), []
+        except FileNotFoundError:  # removed since the listing
+            return shard, Path(tar), Path(idx), [f"{storage.name(tar)}: missing shard or index file"]
+
+    if not remote:
+        yield from (fetch(k, shard) for k, shard in enumerate(manifest.shards))
+        return
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-fetch") as pool:
+        ahead = pool.submit(fetch, 0, manifest.shards[0])
+        for k in range(1, len(manifest.shards)):
+            found = ahead.result()
+            ahead = pool.submit(fetch, k, manifest.shards[k])
+            yield found
+        yield ahead.result()
+
+
+def _check_one_shard(shard: ShardEntry, tar_path: Path, idx_path: Path, num_classes: int,
+                     report: VerifyReport) -> list[str]:
+    """The problems of one shard whose tar and index are the local files ``tar_path``, ``idx_path``; counts its
+    samples into ``report``."""
+    check = check_shard(tar_path, idx_path, all_headers=True)
+    if check.problem:  # the shard cannot be read at all: its samples are not looked at one by one
+        return [f"{tar_path.name}: {check.problem}"]
+    problems = _structure_problems(shard, tar_path, idx_path, check)
+    size = tar_path.stat().st_size
+    with open(tar_path, "rb") as fh:
+        for rec in read_index(idx_path):
+            if any(offset + length > size for _ext, offset, length, _name in rec.files):
+                continue  # beyond the end of a truncated tar: reported once per shard
+            report.samples += 1
+            problem = _check_sample(fh, rec.files, num_classes)
+            if problem:
+                _ext, offset, _size, name = next((f for f in rec.files if f[0] == "jpg"), rec.files[0])
+                problems.append(f"{tar_path.name}:{offset}:{name}: {problem}")
+    return problems
+
+
+def _structure_problems(shard: ShardEntry, tar_path: Path, idx_path: Path, check: ShardCheck) -> list[str]:
     """The damage of a readable shard's tar and index (``check``: its shard check), each problem naming the file
     and where in it."""
-    tar_path, idx_path = manifest.tar_path(shard), manifest.index_path(shard)
     problems = [f"{tar_path.name}: {check.note}"] if check.note else []
     problems += [f"{tar_path.name}: corrupt tar header at offset {h.offset} ({h.name}): {h.reason}"
                  for h in check.bad_headers]

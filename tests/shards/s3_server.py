@@ -8,13 +8,18 @@ a wrong secret is refused as a real store refuses it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from distributed import free_port
 
@@ -41,7 +46,39 @@ class S3Server:
         return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1", aws_access_key_id=self.key,
                             aws_secret_access_key=self.secret)
 
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[Callable[[], list[tuple[str, str, str]]]]:
+        """Record the requests the server receives; yields a call returning them so far as (method, path, range).
+
+        moto's request recorder (``/moto-api/recorder/``) appends each request to a log file; the path is the
+        URL path and query (``/data/shards/train-000000.tar``), the range the ``Range`` header ('' for none).
+        """
+        def call(action: str) -> bytes:
+            request = urllib.request.Request(f"{self.endpoint}/moto-api/recorder/{action}", method="POST", data=b"")
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.read()
+
+        def requests() -> list[tuple[str, str, str]]:
+            lines = call("download-recording").decode().splitlines()
+            out = []
+            for line in lines:
+                entry = json.loads(line)
+                headers = {k.lower(): v for k, v in entry["headers"].items()}
+                path = entry["url"].split("://", 1)[-1].split("/", 1)[-1]
+                out.append((entry["method"], "/" + path, headers.get("range", "")))
+            return out
+
+        call("reset-recording")
+        call("start-recording")
+        try:
+            yield requests
+        finally:
+            call("stop-recording")
+            call("reset-recording")
+
     def stop(self) -> None:
+        port = self.endpoint.rsplit(":", 1)[1]
+        Path(tempfile.gettempdir(), f"moto-requests-{port}.jsonl").unlink(missing_ok=True)
         self.process.terminate()
         try:
             self.process.wait(10)
@@ -57,6 +94,7 @@ def start_s3_server(timeout: float = 60) -> S3Server:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(_SETUP_REQUESTS)
+    env["MOTO_RECORDER_FILEPATH"] = str(Path(tempfile.gettempdir()) / f"moto-requests-{port}.jsonl")  # see recording
     process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout

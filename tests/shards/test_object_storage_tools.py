@@ -1,0 +1,140 @@
+"""`shards verify` / `shards stats` on object storage and the streamed prefix listing, against moto's S3 server.
+
+Remote verify and stats must say exactly what they say of the same files on local disk (same damage reports,
+same exit codes), reading each tar and index with one GET; a prefix listing is a generator that asks for one
+page at a time, in key order.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from shards import storage
+from shards.build import BuildOptions, build_shards
+from shards.summary import format_summary, summarize
+from shards.verify import verify_shards
+
+PER_SHARD = 8
+
+
+def _upload(folder: Path, prefix: str) -> None:
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            storage.put_file(path, f"{prefix}/{path.name}")
+
+
+def _get_counts(requests: list[tuple[str, str, str]]) -> dict[str, int]:
+    """GET requests per object path (query strings dropped)."""
+    counts: dict[str, int] = {}
+    for method, path, _range in requests:
+        if method == "GET":
+            key = path.split("?", 1)[0]
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+@pytest.fixture(scope="module")
+def local_shards(photo_dir, tmp_path_factory) -> Path:
+    """48 photos in 6 shards of 8, built locally (uploaded by each test that needs them in the bucket)."""
+    out = tmp_path_factory.mktemp("verify-shards")
+    build_shards([str(photo_dir)], out, BuildOptions(samples_per_shard=PER_SHARD, workers=1, progress=False))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- listing
+NAMES = [f"{i:03d}.bin" for i in range(7)] + ["a.jpg", "a/x.jpg", "a/y/z.jpg", "a0.jpg", "\u00e9 b.jpg", "Z.jpg"]
+
+
+def test_a_prefix_is_listed_one_page_at_a_time_completely_and_in_key_order(s3_env):
+    client = s3_env.client()
+    for name in NAMES:
+        client.put_object(Bucket="data", Key=f"listing/{name}", Body=name.encode())
+    client.put_object(Bucket="data", Key="listing-sibling/not-mine.bin", Body=b"x")  # shares the text prefix only
+    client.put_object(Bucket="data", Key="listing/empty-folder/", Body=b"")  # a folder marker is no file
+    expected = sorted((f"s3://data/listing/{n}", len(n.encode())) for n in NAMES)  # bytewise: "a.jpg" < "a/x.jpg"
+
+    with s3_env.recording() as requests:
+        listing = storage.list_files("s3://data/listing", page_size=3)
+        first = next(listing)
+        assert len(requests()) == 1  # the first key arrives after one page, before the listing is over
+        rest = list(listing)
+        pages = [p for method, p, _ in requests() if method == "GET" and "list-type=2" in p]
+    assert [first, *rest] == expected
+    assert len(pages) == math.ceil(len(NAMES) / 3) and all("max-keys=3" in p for p in pages)
+
+
+def test_a_local_folder_and_an_fsspec_store_are_walked_lazily_in_the_same_orders(tmp_path):
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    for name in NAMES:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(name.encode())
+    listing = storage.list_files(tmp_path)
+    assert next(listing) == (tmp_path / NAMES[0], len(NAMES[0]))  # a generator, as for object storage
+    assert [(tmp_path / NAMES[0], len(NAMES[0])), *listing] == sorted(
+        (p, p.stat().st_size) for p in tmp_path.rglob("*") if p.is_file())
+
+    memory = MemoryFileSystem()  # stands in for gcsfs (gs://): the walk any fsspec store gets
+    for name in NAMES:
+        memory.pipe_file(f"/walk/{name}", name.encode())
+    walked = [(name.split("/walk/", 1)[1], size) for name, size in storage._walk_fsspec(memory, "/walk")]
+    assert walked == sorted(((n, len(n.encode())) for n in NAMES), key=lambda pair: pair[0].encode())
+
+
+def test_sizes_kept_from_a_listing_cost_no_request(s3_env):
+    storage.write_bytes("s3://data/sizes/one.bin", b"12345")
+    assert dict(storage.list_files("s3://data/sizes", remember_sizes=True)) == {"s3://data/sizes/one.bin": 5}
+    with s3_env.recording() as requests:
+        assert storage.size("s3://data/sizes/one.bin") == 5
+        assert requests() == []
+    storage.write_bytes("s3://data/sizes/one.bin", b"123")  # a write forgets the listed size
+    assert storage.size("s3://data/sizes/one.bin") == 3
+
+
+# ---------------------------------------------------------------------------------------------- verify, stats
+def test_verify_and_stats_of_a_good_set_in_object_storage(s3_env, local_shards, capsys):
+    from shards.__main__ import main
+
+    url = "s3://data/verify-good"
+    _upload(local_shards, url)
+    with s3_env.recording() as requests:
+        report = verify_shards(url, dali=False)
+        gets = _get_counts(requests())
+    assert report.ok and (report.shards, report.samples) == (6, 48), report.errors
+    files = [p.name for p in local_shards.iterdir() if p.suffix in (".tar", ".idx")]
+    assert {f"/data/verify-good/{n}": 1 for n in files}.items() <= gets.items()  # each tar and index: one GET
+
+    assert format_summary(summarize(url)) == format_summary(summarize(local_shards))
+    capsys.readouterr()
+    assert main(["verify", url]) == 0  # with the DALI pass: its webdataset reader opens the s3:// tars itself
+    assert "OK: 6 shards, 48 samples, 48 read by DALI, 0 problems" in capsys.readouterr().out
+    assert main(["stats", url]) == 0
+    assert "samples           48" in capsys.readouterr().out
+
+
+def test_verify_names_a_truncated_tar_and_a_missing_index_in_object_storage_as_locally(s3_env, local_shards,
+                                                                                     tmp_path, capsys):
+    from shards.__main__ import main
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(local_shards, damaged)
+    tar = damaged / "train-000001.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    url = "s3://data/verify-damaged"
+    _upload(damaged, url)
+    (damaged / "train-000003.idx").unlink()
+    storage.remove(f"{url}/train-000003.idx")
+
+    local, remote = verify_shards(damaged, dali=False), verify_shards(url, dali=False)
+    assert remote.errors == local.errors and remote.samples == local.samples == 48 - 8 - 5
+    assert [e.split(":", 1)[0] for e in remote.errors] == ["train-000001.tar", "train-000003.idx"]
+    assert "truncated at" in remote.errors[0] and remote.errors[1].endswith("missing index file")
+    capsys.readouterr()
+    assert main(["verify", url, "--no-dali"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.startswith("FAILED: 6 shards, 35 samples, 2 problems")
+    assert captured.err.splitlines() == [f"FAIL {e}" for e in local.errors]
