@@ -96,7 +96,8 @@ class Manifest:
         """Raise ManifestError naming the first shard tar or index file that is missing."""
         if storage.is_url(self.root):
             try:
-                present = {path for path, _size in storage.list_files(self.root)}  # one listing, not one per file
+                # One listing, not one request per file; its sizes kept for the loaders' size checks of the shards.
+                present = {path for path, _size in storage.list_files(self.root, remember_sizes=True)}
             except storage.StorageError as exc:
                 raise ManifestError(str(exc)) from None
             for shard in self.shards:
