@@ -2,6 +2,7 @@
 
     python -m shards build INPUT... --out DIR [--prefix train] [--samples-per-shard 10000] [--max-shard-bytes B]
                            [--short-side 256] [--workers N] [--part i/n] [--labels-from-folders]
+                           [--path-column COLUMN]
     python -m shards verify DIR [--no-dali]
     python -m shards stats DIR
     python -m shards merge-manifests PART_DIRS... --out DIR [--hash-prefix k/m]
@@ -30,7 +31,8 @@ def build_parser() -> cli.ArgumentParser:
 
     build = sub.add_parser("build", help="images -> validated, deduplicated WebDataset shards + manifest",
                            description="Images -> validated, deduplicated WebDataset shards + manifest.json.")
-    build.add_argument("inputs", nargs="+", metavar="INPUT", help="directory, .txt list of paths, or .tar")
+    build.add_argument("inputs", nargs="+", metavar="INPUT",
+                       help="directory, .txt list or .csv/.tsv/.parquet table of paths, or .tar")
     build.add_argument("--out", required=True, help="output directory (created)")
     build.add_argument("--part", default=None, metavar="I/N",
                        help="build part i of n (0-based), e.g. 3/64; join with merge-manifests (default: the whole run)")

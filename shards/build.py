@@ -54,7 +54,8 @@ from shards.groups import (
     write_group_stats,
 )
 from shards.manifest import MANIFEST_NAME, Manifest, ShardEntry, write_json_atomic
-from shards.sources import Source, check_inputs, class_names, iter_sources, read_source
+from shards.metadata import sample_files
+from shards.sources import Source, check_inputs, class_names, iter_sources, read_sample
 from shards.writer import frame_sample
 
 _BATCH = 32  # sources per worker task: amortises inter-process traffic, small enough to keep all workers busy
@@ -82,6 +83,8 @@ class BuildOptions:
         workers: decode processes; 0 = all cores, 1 = in this process. The output does not depend on it.
         part: ``(i, n)`` to build only part i of n (0-based; its share found without listing the rest), or None.
         labels_from_folders: write ``<key>.cls`` from the first-level folder under each input directory.
+        path_column: the column of image paths in .csv/.tsv/.parquet inputs; its other columns go into each
+            sample's .json. Empty: the column named ``path``, else ``url`` (img2dataset's name).
         progress: show a progress bar on a terminal.
     """
 
@@ -96,6 +99,7 @@ class BuildOptions:
     workers: int = 0
     part: tuple[int, int] | None = None
     labels_from_folders: bool = False
+    path_column: str = ""
     progress: bool = True
 
     def convert_options(self) -> ConvertOptions:
@@ -152,7 +156,7 @@ def build_shards(inputs: list[str], out_dir: str | os.PathLike, options: BuildOp
     storage.check_url(out_dir)  # "s3:/bucket" (a URL through Path) or ftp:// is an error, never a local folder
     out = out_dir if storage.is_url(out_dir) else Path(out_dir)  # s3://bucket/prefix: shards uploaded as they close
     inputs = list(inputs)
-    check_inputs(inputs, options.labels_from_folders)
+    check_inputs(inputs, options.labels_from_folders, options.path_column)
     reason = is_writable_dir(out)
     if reason:
         raise BuildError(f"cannot write to output directory {out}: {reason}")
@@ -160,7 +164,8 @@ def build_shards(inputs: list[str], out_dir: str | os.PathLike, options: BuildOp
     _refuse_old_layout(out, options.prefix)
     ns = namespace(options.prefix, options.part)
     classes = class_names(inputs, exclude=out) if options.labels_from_folders else None
-    sources = iter_sources(inputs, options.part, exclude=out, labels_from_folders=options.labels_from_folders)
+    sources = iter_sources(inputs, options.part, exclude=out, labels_from_folders=options.labels_from_folders,
+                           path_column=options.path_column)
     tally = _Tally()
     group, seq = _keep_complete_groups(out, ns, options, sources, tally)
     removed = remove_after(out, ns, group, seq)
@@ -363,7 +368,7 @@ def _convert_batch(batch: list[tuple[int, Source]]) -> list[tuple]:
             out.append((index, source.id, None, reason, detail))
             continue
         try:
-            data = read_source(source)
+            data, companions = read_sample(source)
         except OSError as exc:
             out.append((index, source.id, None, "unreadable", exc.strerror or str(exc)))
             continue
@@ -372,14 +377,10 @@ def _convert_batch(batch: list[tuple[int, Source]]) -> list[tuple]:
             out.append((index, source.id, None, result.reason, result.detail))
             continue
         key = sample_key(job.part, index)
-        meta = {"key": key, "source": source.id, "width": result.width, "height": result.height,
-                "orig_width": result.orig_width, "orig_height": result.orig_height, "format": result.format,
-                "mode": result.mode, "frames": result.frames, "hash": result.hash}
-        files = {"jpg": result.jpeg}
-        if source.label is not None:
-            meta["class"] = source.label
-            files["cls"] = str(job.label_index[source.label]).encode()
-        files["json"] = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+        facts = {"key": key, "source": source.id, "width": result.width, "height": result.height,
+                 "orig_width": result.orig_width, "orig_height": result.orig_height, "format": result.format,
+                 "mode": result.mode, "frames": result.frames, "hash": result.hash}
+        files = sample_files(result.jpeg, facts, source.label, job.label_index, source.columns, companions)
         out.append((index, source.id, bytes.fromhex(result.hash), key, frame_sample(key, files)))
     return out
 

@@ -1,0 +1,206 @@
+"""Stream the rows of a CSV / TSV or parquet table of image paths: the path column and every other column.
+
+A table input names one image (a local path, relative to the table's folder, or an ``s3://`` / ``gs://`` URL)
+per row in its path column; the row's other columns (caption, labels, ids) travel with the image into its
+sample's ``.json``. The path column is ``--path-column``, or by default the first column named ``path`` or
+``url`` (img2dataset's default name).
+
+Nothing is read whole, so a billion-row table costs a part the same memory as a small one:
+
+* CSV (``.csv``, comma) and TSV (``.tsv``, tab) are read with the ``csv`` module, one line at a time after a
+  header row. Values are the strings as written (no type guessing). Part ``i/n`` takes the rows that START in
+  bytes ``[h + i*B//n, h + (i+1)*B//n)`` of the B bytes after the header (h bytes), as for list files: one
+  seek, then about B/n bytes. A quoted field may hold a newline in a whole build; split into parts, every row
+  must be one line (a row that spans lines stops the part with an error, since a part that seeks into the
+  middle of such a row cannot tell its continuation from a row).
+* parquet (``.parquet``) is read with pyarrow, record batch by record batch, only the row groups that hold the
+  part's rows: part ``i/n`` of a table of R rows takes rows ``[i*R//n, (i+1)*R//n)`` (the row counts come
+  from the footer), so parts are balanced even when the table is one row group. Values keep their types;
+  ``shards.metadata`` makes them JSON (NaN to null, timestamps to ISO 8601).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+from shards import storage
+
+TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
+DEFAULT_PATH_COLUMNS = ("path", "url")
+_BATCH_ROWS = 4096  # parquet rows decoded at a time: small next to any row group, large enough to amortise calls
+
+
+class TableError(ValueError):
+    """A table that cannot be used (no such column, unreadable header, a multi-line row in a part); one line."""
+
+
+class Row(NamedTuple):
+    """One table row: where it is (``table#row`` or ``table@byte``), its path cell, its other columns, or why not."""
+
+    where: str
+    path: Any
+    columns: dict[str, Any]
+    error: str = ""
+
+
+def is_table(path: str) -> bool:
+    return path.lower().endswith(TABLE_SUFFIXES)
+
+
+def columns(path: str) -> list[str]:
+    """The column names of the table at ``path`` (its header row or parquet schema)."""
+    if path.lower().endswith(".parquet"):
+        with _parquet(path) as table:
+            return list(table.schema_arrow.names)
+    with storage.open_file(path) as fh:
+        return _header(fh.readline(), path)
+
+
+def path_column(path: str, wanted: str = "") -> str:
+    """The path column of the table: ``wanted``, or the first of DEFAULT_PATH_COLUMNS it has.
+
+    Raises:
+        TableError: no such column (the message lists the columns the table has).
+    """
+    names = columns(path)
+    found = wanted if wanted in names else next((c for c in DEFAULT_PATH_COLUMNS if c in names and not wanted), None)
+    if found is None:
+        asked = f"column {wanted!r}" if wanted else f"column named {' or '.join(DEFAULT_PATH_COLUMNS)}"
+        raise TableError(f"table {path} has no {asked} (columns: {', '.join(names) or 'none'}); "
+                         "name the column of image paths with --path-column")
+    return found
+
+
+def first_path(path: str, column: str) -> Any:
+    """The path cell of the first row (None for a table without rows): checked before a build starts."""
+    with contextlib.closing(iter_rows(path, column)) as rows:
+        return next((row.path for row in rows if not row.error), None)
+
+
+def iter_rows(path: str, column: str, part: tuple[int, int] | None = None) -> Iterator[Row]:
+    """The rows of part ``i/n`` of the table (all rows when ``part`` is None), in table order."""
+    if path.lower().endswith(".parquet"):
+        return _parquet_rows(path, column, part or (0, 1))
+    return _csv_rows(path, column, part or (0, 1))
+
+
+def _header(raw: bytes, path: str) -> list[str]:
+    text = raw.decode("utf-8", "surrogateescape").removeprefix("\ufeff")  # spreadsheets start with a BOM
+    names = next(csv.reader([text], delimiter=_delimiter(path)), [])
+    if not names:
+        raise TableError(f"table {path} has no header row (the first line names the columns)")
+    return names
+
+
+def _delimiter(path: str) -> str:
+    return "\t" if path.lower().endswith(".tsv") else ","
+
+
+def _csv_rows(path: str, column: str, part: tuple[int, int]) -> Iterator[Row]:
+    i, n = part
+    with storage.open_file(path, readahead=storage.READAHEAD) as fh:
+        names = _header(fh.readline(), path)
+        at = body = fh.tell()
+        size = storage.size(path)
+        start, stop = body + i * (size - body) // n, body + (i + 1) * (size - body) // n
+        if start > body:
+            fh.seek(start - 1)
+            if fh.read(1) != b"\n":
+                fh.readline()  # the row in progress belongs to the part in whose range it starts
+            at = fh.tell()
+        consumed = [at]
+
+        def lines() -> Iterator[str]:
+            while raw := fh.readline():
+                consumed[0] += len(raw)
+                yield raw.decode("utf-8", "surrogateescape")
+
+        reader = csv.reader(lines(), delimiter=_delimiter(path))
+        index = names.index(column)
+        while at < stop:
+            line = reader.line_num
+            cells = next(reader, None)
+            if cells is None:
+                return
+            where, at = f"{path}@{at}", consumed[0]
+            if n > 1 and reader.line_num - line > 1:
+                raise TableError(f"{where}: a row spans {reader.line_num - line} lines (a quoted newline); "
+                                 "--part splits tables by lines: build it whole, or write it as parquet")
+            if not cells:
+                continue  # a blank line
+            if len(cells) != len(names):
+                yield Row(where, None, {}, f"row has {len(cells)} fields, the header {len(names)}")
+                continue
+            yield Row(where, cells[index], {k: v for k, v in zip(names, cells) if k != column})
+
+
+@contextlib.contextmanager
+def _parquet(path: str) -> Iterator[Any]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise TableError(f"{path}: parquet tables need pyarrow (pip install pyarrow)") from None
+    with contextlib.ExitStack() as stack:
+        source: Any = path
+        if storage.is_url(path):
+            source = _ArrowFile(stack.enter_context(storage.open_file(path, readahead=storage.READAHEAD)))
+        try:
+            table = stack.enter_context(pq.ParquetFile(source))
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise TableError(f"table {path} is not a readable parquet file: {str(exc).splitlines()[0]}") from None
+        yield table
+
+
+class _ArrowFile:
+    """A remote file as pyarrow reads a Python file object (it also asks ``closed``, ``readable``, ``seekable``)."""
+
+    closed = False
+
+    def __init__(self, handle: Any):
+        self._handle = handle
+
+    def read(self, size: int = -1) -> bytes:
+        return self._handle.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._handle.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._handle.tell()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closed = True  # the handle itself is closed by the caller's ``with``
+
+
+def _parquet_rows(path: str, column: str, part: tuple[int, int]) -> Iterator[Row]:
+    i, n = part
+    with _parquet(path) as table:
+        meta = table.metadata
+        first, stop = i * meta.num_rows // n, (i + 1) * meta.num_rows // n
+        groups, row, at = [], None, 0
+        for g in range(meta.num_row_groups):
+            rows = meta.row_group(g).num_rows
+            if at < stop and at + rows > first:
+                groups.append(g)
+                row = at if row is None else row
+            at += rows
+        if not groups:
+            return
+        for batch in table.iter_batches(batch_size=_BATCH_ROWS, row_groups=groups):
+            lo, hi = max(first - row, 0), min(stop - row, batch.num_rows)
+            if lo < hi:
+                piece = batch.slice(lo, hi - lo)
+                paths = piece.column(column).to_pylist()
+                others = piece.drop_columns([column]).to_pylist()
+                for k, (value, rest) in enumerate(zip(paths, others)):
+                    yield Row(f"{path}#{row + lo + k}", value, rest)
+            row += batch.num_rows
