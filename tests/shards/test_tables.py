@@ -21,6 +21,7 @@ from shards.manifest import read_manifest
 from shards.merge import merge_manifests
 from shards.sources import InputError, iter_sources
 from shards.verify import verify_shards
+from tests.shards.test_build import _read_bytes
 
 OPTIONS = BuildOptions(samples_per_shard=16, workers=1, progress=False)
 
@@ -115,10 +116,6 @@ def test_parts_of_a_table_are_disjoint_and_cover_every_row_once(num_parts, tmp_p
         assert [x for p in parts for x in p] == cols["id"]  # in order, each row exactly once
         assert all(abs(len(p) - 2000 / num_parts) < 40 for p in parts)
         assert _row_ids(table, None) == cols["id"]
-
-
-def _read_bytes() -> int:
-    return int(next(line for line in Path("/proc/self/io").read_text().splitlines() if line.startswith("rchar")).split()[1])
 
 
 def test_csv_parts_read_only_their_byte_range(tmp_path):
