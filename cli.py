@@ -13,8 +13,9 @@ Every entry point (``train.py``, ``python -m eval.linear``, ``python -m eval.exp
 
 Validation convention: a config dataclass checks itself in ``__post_init__`` and raises ConfigError.
 
-Only the standard library and PyYAML (imported when a file is read or written): ``--help`` answers before an
-entry point imports torch or DALI.
+Only the standard library and PyYAML (imported when a file is read or written). Each entry point's ``main()``
+parses first and imports torch, DALI and W&B after, so ``--help`` and a mistake answer in a fraction of a second
+(tests/test_cli.py checks that torch is not imported by then).
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """A mistake in what the user gave (a missing file, an unreadable checkpoint), found after parsing; the message
+    is one line. Entry points import their heavy modules after parsing, so :func:`guard` catches this base class
+    rather than each module's own error type (``CheckpointError``, ``LabelledSetError``)."""
+
+
+class ConfigError(UserError):
     """A user-facing configuration mistake; its message is one line that names the field."""
 
 
@@ -343,14 +350,15 @@ def parse(cls: type, argv: list[str] | None = None, *, group: str | None = None,
 
 
 def guard(fn: Callable[[], int | None], user_errors: tuple[type[BaseException], ...] = ()) -> int:
-    """Run an entry point's body: ConfigError (and ``user_errors``) become ``error: <one line>`` and exit code 2.
+    """Run an entry point's body: UserError (ConfigError included) and ``user_errors`` become ``error: <one line>``
+    and exit code 2.
 
     Returns:
         The body's exit code (None counts as 0), or 2 after a user mistake.
     """
     try:
         code = fn()
-    except (ConfigError, *user_errors) as exc:
+    except (UserError, *user_errors) as exc:
         print(f"error: {str(exc).strip()}", file=sys.stderr)
         return 2
     return 0 if code is None else int(code)

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import cli
 import config as config_lib
-import distributed
 from cli import ConfigError, option
 
 DATA_DIR = Path("runs/demo-data")
@@ -100,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: DemoOptions) -> None:
+    import distributed  # torch loads here, after the command line was parsed (--help answers at once)
     from train import train
 
     # DALI's CPU thread takes one core; more torch threads than the rest only fight it (measured ~10x slower).

@@ -16,9 +16,40 @@ peer) is one line ``error: ...`` and exit code 1, with every checkpoint written 
 
 from __future__ import annotations
 
+import sys
+
+import cli
+from config import Config
+from shards.manifest import ManifestError
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, then train. Mistakes in the user's input (a bad flag, missing shards, a bad
+    checkpoint path) are one line ``error: ...`` and exit code 2, not tracebacks.
+
+    The command line is parsed before torch, DALI and W&B load (seconds): ``--help`` and a mistyped flag answer at
+    once. The training code below is then imported as the module ``train``.
+    """
+
+    def run() -> None:
+        cfg = cli.parse(Config, argv, description=__doc__.split("\n\n")[0], prog="train.py")
+        import train  # this file's code below main(): torch, DALI and W&B load now
+
+        train.distributed.set_torch_threads(cfg.run.torch_threads, reserved=cfg.data.num_threads)
+        train.train(cfg)
+
+    return cli.guard(run, user_errors=(ManifestError, FileNotFoundError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+# ------------------------------------------------------------------ the training code (imported after parsing)
+# ruff: noqa: E402 -- the imports below follow main(), which parses the command line before torch loads.
+
 import contextlib
 import math
-import sys
 from pathlib import Path
 
 import torch
@@ -26,12 +57,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 import config as config_lib
 import distributed
-from config import Config, ConfigError
+from config import ConfigError
 from eval.knn import build_knn_monitor
 from model import MoCo, autocast_dtype, build_optimizer, lr_at, momentum_at
 from pipeline import build_train_loader
 from pipeline.assignment import ShardPlan
-from shards.manifest import ManifestError, read_manifest
+from shards.manifest import read_manifest
 from training.checkpoint import Checkpointer, CheckpointWriteError, NonFiniteState
 from training.metrics import MetricsWindow, TrainingFault, check_window
 from training.preemption import PreemptionHandler, requeue_slurm_job
@@ -263,20 +294,3 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> dict:
     if requeued:
         print(requeued, file=sys.stderr if requeued.startswith("warning") else sys.stdout, flush=True)
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Parse the command line, then train. Mistakes in the user's input (a bad flag, missing shards, a bad
-    checkpoint path) are one line ``error: ...`` and exit code 2, not tracebacks."""
-    import cli
-
-    def run() -> None:
-        cfg = cli.parse(Config, argv, description=__doc__.split("\n\n")[0], prog="train.py")
-        distributed.set_torch_threads(cfg.run.torch_threads, reserved=cfg.data.num_threads)
-        train(cfg)
-
-    return cli.guard(run, user_errors=(ManifestError, FileNotFoundError))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

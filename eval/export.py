@@ -18,18 +18,58 @@ the backbone was trained on RGB images normalised that way, not on detectron2's 
 
 from __future__ import annotations
 
+import sys
+
+import cli
+
+
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(prog="python -m eval.export",
+                                description="Export the query encoder's backbone from a MoCo checkpoint.")
+    parser.add_argument("checkpoint", help="checkpoint file (this project's, the original MoCo's, or a state dict)")
+    parser.add_argument("--format", choices=("torchvision", "detectron2"), default="torchvision",
+                        help="torchvision: state_dict for torchvision.models.<arch>() (fc missing); "
+                             "detectron2: .pkl for MODEL.WEIGHTS (default: torchvision)")
+    parser.add_argument("--out", required=True, metavar="FILE",
+                        help="output file (.pth for torchvision, .pkl for detectron2)")
+    parser.add_argument("--arch", default=None, metavar="NAME",
+                        help="torchvision architecture (default: the one the checkpoint records)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, then export; mistakes (a bad flag, an unusable checkpoint) exit 2 in one line.
+
+    The command line is parsed before torch loads (seconds): ``--help`` and a mistyped flag answer at once. The
+    export code below is then imported as the module ``eval.export``.
+    """
+
+    def run() -> int:
+        args = build_parser().parse_args(argv)
+        from eval import export  # this file's code below main(): torch and torchvision load now
+
+        return export.run_export(args)
+
+    return cli.guard(run)  # CheckpointError is a cli.UserError
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+# ----------------------------------------------------------------------------- the export (imported after parsing)
+# ruff: noqa: E402 -- the imports below follow main(), which parses the command line before torch loads.
+
 import argparse
 import os
 import pickle
 import re
-import sys
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-import cli
 from model.encoder import build_backbone, use_cifar_stem
 
 # Prefixes under which a backbone's torchvision keys (conv1.weight, layer1.0.bn1.weight, ...) are stored, tried in
@@ -37,7 +77,7 @@ from model.encoder import build_backbone, use_cifar_stem
 BACKBONE_PREFIXES = ("encoder_q.backbone.", "encoder_q.", "module.encoder_q.", "backbone.", "module.", "")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(cli.UserError):
     """A checkpoint that cannot be read or does not hold the expected backbone; the message is one line."""
 
 
@@ -248,25 +288,8 @@ def export(source: str | os.PathLike | dict, fmt: str, out: str | os.PathLike, a
     return out
 
 
-def build_parser() -> cli.ArgumentParser:
-    parser = cli.ArgumentParser(prog="python -m eval.export",
-                                description="Export the query encoder's backbone from a MoCo checkpoint.")
-    parser.add_argument("checkpoint", help="checkpoint file (this project's, the original MoCo's, or a state dict)")
-    parser.add_argument("--format", choices=("torchvision", "detectron2"), default="torchvision",
-                        help="torchvision: state_dict for torchvision.models.<arch>() (fc missing); "
-                             "detectron2: .pkl for MODEL.WEIGHTS (default: torchvision)")
-    parser.add_argument("--out", required=True, metavar="FILE",
-                        help="output file (.pth for torchvision, .pkl for detectron2)")
-    parser.add_argument("--arch", default=None, metavar="NAME",
-                        help="torchvision architecture (default: the one the checkpoint records)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    return cli.guard(lambda: _main(build_parser().parse_args(argv)), user_errors=(CheckpointError,))
-
-
-def _main(args: argparse.Namespace) -> int:
+def run_export(args: argparse.Namespace) -> int:
+    """The command: export, print where the weights went and what a reader of them must set."""
     path = export(args.checkpoint, args.format, args.out, args.arch)
     print(f"wrote {args.format} weights to {path}")
     if args.format == "detectron2":
@@ -278,7 +301,3 @@ def _main(args: argparse.Namespace) -> int:
         print("note: cifar stem (3x3 conv1, no max-pool): load into torchvision.models.<arch>() after "
               "model.encoder.use_cifar_stem(net), or with eval.export.load_backbone(path)")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from cli import UserError
 from pipeline.recipes import IMAGENET_MEAN, IMAGENET_STD
 from shards.manifest import MANIFEST_NAME, ManifestError, read_manifest
 from shards.sources import IMAGE_SUFFIXES
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from torchvision import transforms
 
 
-class LabelledSetError(ValueError):
+class LabelledSetError(UserError):
     """A labelled set that cannot be used (missing, empty, unlabelled, bad label); the message names the path."""
 
 

@@ -38,100 +38,59 @@ image folder ``root/<class>/<image>``. Prints top-1/top-5 and, with --out, write
 
 from __future__ import annotations
 
+import sys
+
+import cli
+from config import LinearEvalConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line (``--config`` nested under ``linear:``), then evaluate; mistakes exit 2 in one line.
+
+    The command line is parsed before torch and torchvision load (seconds): ``--help`` and a mistyped flag answer at
+    once. The evaluation code below is then imported as the module ``eval.linear``.
+    """
+
+    def run() -> None:
+        cfg = cli.parse(LinearEvalConfig, argv, group="linear", description=__doc__.split("\n\n")[0],
+                        prog="python -m eval.linear")
+        from eval import linear  # this file's code below main(): torch and torchvision load now
+
+        linear.distributed.set_torch_threads(cfg.torch_threads, reserved=cfg.workers)
+        linear.linear_eval(cfg)
+
+    return cli.guard(run)  # CheckpointError and LabelledSetError are cli.UserError: one line, exit code 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+# ----------------------------------------------------------------------------- the evaluation (imported after parsing)
+# ruff: noqa: E402 -- the imports below follow main(), which parses the command line before torch loads.
+
 import dataclasses
 import hashlib
 import json
 import math
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-import cli
 import distributed
 from cli import ConfigError
-from cli import option as _f
-from eval.export import CheckpointError, load_backbone, load_checkpoint
+from eval.export import load_backbone, load_checkpoint
 from eval.knn import pooled_features
 from eval.labelled_data import (
     LabelledImages,
-    LabelledSetError,
     build_eval_loader,
     collate_skip_bad,
     eval_transform,
     train_transform,
 )
-
-
-@dataclass(frozen=True)
-class LinearEvalConfig:
-    """Linear evaluation of a pre-trained backbone (MoCo protocol)."""
-
-    checkpoint: str = _f("", "Pre-training checkpoint (or a torchvision export) whose query-encoder backbone is probed.")
-    train: str = _f("", "Labelled training set: shard manifest with .cls labels, or an image folder root/<class>/<img>.")
-    val: str = _f("", "Labelled validation set (same classes as train).")
-    arch: str = _f("", "torchvision architecture; empty: the one recorded in the checkpoint.")
-    protocol: Literal["imagenet", "small"] = _f(
-        "imagenet", "Preset for the values left at 0 below: imagenet (MoCo's ImageNet protocol: lr 30, 100 epochs, "
-        "224 px) or small (short low-resolution runs such as the demo: centred features, lr 1 / their largest "
-        "covariance eigenvalue, 30 epochs, the checkpoint's crop size). The module docstring says why.")
-    epochs: int = _f(0, "Training epochs. 0: the protocol's (imagenet 100 as in MoCo; small 30).")
-    lr: float = _f(0.0, "SGD learning rate. 0: the protocol's (imagenet 30 as in MoCo, for its small-scaled "
-                        "features; small 1 / the largest covariance eigenvalue of the features, ~1/8 of SGD's "
-                        "stability limit).")
-    momentum: float = _f(0.9, "SGD momentum. 0.9 as in MoCo.")
-    weight_decay: float = _f(0.0, "Weight decay. 0 as in MoCo.")
-    milestones: list[int] = _f([], "Epochs at which lr is multiplied by 0.1. Empty: the protocol's (imagenet 60, 80 "
-                                   "as in MoCo; otherwise 60 and 80 percent of the epochs).")
-    batch_size: int = _f(256, "GLOBAL batch size over all ranks. 256 as in MoCo.")
-    train_crop: int = _f(0, "RandomResizedCrop size for training. 0: the protocol's (imagenet 224 as in MoCo; small "
-                            "the checkpoint's pre-training crop_size).")
-    val_resize: int = _f(0, "Resize (short side) before the validation center crop. 0: the protocol's (imagenet 256 "
-                            "as in MoCo; small val_crop / 0.875).")
-    val_crop: int = _f(0, "Validation center-crop size. 0: the protocol's (imagenet 224 as in MoCo; small the "
-                          "checkpoint's crop_size).")
-    workers: int = _f(8, "DataLoader worker processes per rank (0: decode in the training process).")
-    device: Literal["auto", "cuda", "cpu"] = _f("auto", "Device. auto: CUDA when available.")
-    seed: int = _f(0, "Seed for the classifier init and the data order.")
-    max_steps: int = _f(0, "Stop training after this many steps (0: all epochs). For smoke tests.")
-    print_every: int = _f(50, "Print the training loss every N steps.")
-    out: str = _f("", "Write the result (JSON) and the classifier weights into this directory (empty: no files).")
-    dist_timeout_s: float = _f(600.0, "Collective timeout in seconds.")
-    torch_threads: int = _f(0, "torch intra-op CPU threads per rank. 0: the usable cores / ranks on this node, less "
-                               "the decode workers, at least 1.")
-    wandb_mode: Literal["online", "offline", "disabled"] = _f(
-        "offline", "W&B mode. offline (files under --out, else ./wandb) and disabled need no account or network.")
-    wandb_project: str = _f("moco", "W&B project name.")
-    wandb_entity: str = _f("", "W&B entity (team); empty: your default.")
-    wandb_name: str = _f("", "W&B run name; empty: W&B's generated name.")
-    wandb_tags: list[str] = _f([], "W&B run tags.")
-    wandb_group: str = _f("", "W&B group, e.g. the pre-training run's name, to see the probe next to it.")
-    wandb_notes: str = _f("", "W&B run notes.")
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "print_every"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"linear.{name} must be > 0; got {getattr(self, name)}")
-        if not self.dist_timeout_s > 0:
-            raise ConfigError(f"linear.dist_timeout_s must be > 0; got {self.dist_timeout_s}")
-        if not (self.lr >= 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"linear.lr must be > 0 (or 0: the protocol's); got {self.lr}")
-        for name in ("weight_decay", "workers", "max_steps", "torch_threads", "epochs", "train_crop", "val_resize",
-                     "val_crop"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"linear.{name} must be >= 0; got {getattr(self, name)}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"linear.momentum must be in [0, 1); got {self.momentum}")
-        if list(self.milestones) != sorted(self.milestones) or any(m <= 0 for m in self.milestones):
-            raise ConfigError(f"linear.milestones must be increasing positive epochs; got {self.milestones}")
-        if self.val_crop and self.val_resize and self.val_crop > self.val_resize:
-            raise ConfigError(f"linear.val_crop ({self.val_crop}) must not exceed val_resize ({self.val_resize})")
-
 
 # The MoCo paper's ImageNet protocol (sec. 4.1, main_lincls.py) and the preset for small runs (module docstring).
 PROTOCOLS = {
@@ -438,19 +397,3 @@ def linear_eval(cfg: LinearEvalConfig) -> dict:
             (out / "linear_eval.json").write_text(json.dumps({**result, "config": cfg.__dict__}, indent=1))
             torch.save(classifier.state_dict(), out / "classifier.pt")
     return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Parse the command line (``--config`` nested under ``linear:``), then evaluate; mistakes exit 2 in one line."""
-
-    def run() -> None:
-        cfg = cli.parse(LinearEvalConfig, argv, group="linear", description=__doc__.split("\n\n")[0],
-                        prog="python -m eval.linear")
-        distributed.set_torch_threads(cfg.torch_threads, reserved=cfg.workers)
-        linear_eval(cfg)
-
-    return cli.guard(run, user_errors=(CheckpointError, LabelledSetError))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

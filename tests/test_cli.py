@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import subprocess
+import sys
 from typing import Literal
 
 import pytest
@@ -17,6 +19,7 @@ from eval.export import main as export_main
 from eval.linear import LinearEvalConfig
 from eval.linear import main as linear_main
 from shards.__main__ import main as shards_main
+from tests.conftest import REPO
 
 HELP_CALLS = {
     "train": lambda: cli.parse(config.Config, ["--help"]),
@@ -146,3 +149,68 @@ def test_a_file_value_that_needs_a_flag_is_checked_after_the_flags(tmp_path):
     assert cli.parse(LinearEvalConfig, ["--config", str(path), "--val-resize", "320"], group="linear").val_crop == 300
     with pytest.raises(ConfigError, match=r"linear.val_crop \(300\) must not exceed val_resize \(256\)"):
         cli.parse(LinearEvalConfig, ["--config", str(path)], group="linear")
+
+
+# Modules that take seconds to import: an entry point must not load them before its command line is parsed.
+HEAVY_MODULES = ("torch", "torchvision", "nvidia.dali", "wandb")
+
+
+def imported_heavy_modules(args: list[str]) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run ``python -X importtime ARGS`` from the repository root; return the process and the heavy modules it
+    imported (read from the import-time lines, which name every module imported, in the order imported)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=120, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"})
+    names = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    return proc, {h for h in HEAVY_MODULES if h in names or any(n.startswith(h + ".") for n in names)}
+
+
+EARLY_ANSWERS = [  # (command line, the one stderr line it ends with; None: --help, exit 0)
+    (["train.py", "--help"], None),
+    (["-m", "eval.linear", "--help"], None),
+    (["-m", "eval.export", "--help"], None),
+    (["-m", "demo", "--help"], None),
+    (["-m", "shards", "build", "--help"], None),
+    (["-m", "benchmarks", "run", "--help"], None),
+    (["train.py", "--no-such-flag"], "error: unrecognized arguments: --no-such-flag"),
+    (["train.py", "--batch-size", "x"], "error: data.batch_size must be an integer; got 'x'"),
+    (["-m", "eval.linear", "--lr", "nan"], "error: linear.lr must be a finite number; got 'nan'"),
+    (["-m", "eval.export", "c.pt", "--out", "o.pth", "--format", "onnx"], "error: argument --format: invalid choice"),
+    (["-m", "demo", "--steps", "0"], "error: --steps must be > 0; got 0"),
+]
+
+
+@pytest.mark.parametrize("args, message", EARLY_ANSWERS, ids=[" ".join(a) for a, _ in EARLY_ANSWERS])
+def test_help_and_flag_mistakes_answer_before_torch_is_imported(args, message):
+    proc, heavy = imported_heavy_modules(args)
+    assert not heavy, f"{' '.join(args)} imported {sorted(heavy)} before answering"
+    err = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    if message is None:
+        assert proc.returncode == 0 and "usage:" in proc.stdout and not err, proc.stderr[-2000:]
+    else:
+        assert proc.returncode == 2 and len(err) == 1 and err[0].startswith(message), err
+
+
+def test_the_heavy_modules_load_once_the_command_line_is_valid(tmp_path):
+    """The control for the test above: past parsing, the export imports torch and reports a missing file."""
+    proc, heavy = imported_heavy_modules(["-m", "eval.export", str(tmp_path / "absent.pt"), "--out", "o.pth"])
+    err = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert "torch" in heavy and proc.returncode == 2 and err == [f"error: checkpoint not found: {tmp_path}/absent.pt"]
+
+
+@pytest.mark.parametrize("main, first_group", [(lambda argv: __import__("train").main(argv), "data"),
+                                               (linear_main, "linear")])
+def test_train_and_linear_eval_read_the_config_yaml_they_print(main, first_group, tmp_path, capsys):
+    """Both take ``--config`` nested by group (``data:`` ... for train.py, ``linear:`` for eval.linear), the shape
+    their own ``--print-config`` prints, through their real main()."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["--print-config", "--seed", "3"])
+    printed = capsys.readouterr().out
+    assert exit_.value.code == 0 and printed.startswith(f"{first_group}:\n") and "\n  seed: 3\n" in printed
+    path = tmp_path / "config.yaml"
+    path.write_text(printed)
+    with pytest.raises(SystemExit):
+        main(["--config", str(path), "--print-config"])
+    assert capsys.readouterr().out == printed
+    path.write_text("seed: 3\n")  # flat: not the shape
+    assert main(["--config", str(path)]) == 2
+    assert "unknown group 'seed'" in capsys.readouterr().err
