@@ -178,8 +178,10 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     if not is_url(path):
         return Path(path).read_bytes()
     fs, key = filesystem(path)
+    # s3fs asks the size first (a HEAD) to split a big object into parallel ranges; these are small files.
+    whole = {"max_concurrency": 1} if hasattr(fs, "call_s3") else {}
     with _errors(path):
-        return fs.cat_file(key)
+        return fs.cat_file(key, **whole)
 
 
 def read_text(path: str | os.PathLike) -> str:

@@ -138,3 +138,25 @@ def test_verify_names_a_truncated_tar_and_a_missing_index_in_object_storage_as_l
     captured = capsys.readouterr()
     assert captured.out.startswith("FAILED: 6 shards, 35 samples, 2 problems")
     assert captured.err.splitlines() == [f"FAIL {e}" for e in local.errors]
+
+
+# ---------------------------------------------------------------------------------------------- the loaders' reads
+def test_the_dali_loader_fetches_each_index_once_per_run_and_one_get_per_sample(s3_env, local_shards):
+    """Five passes over s3:// shards (a DALI reader built per pass): each index is one GET for the whole run, each
+    tar one HEAD per reader build, and DALI reads a sample with one ranged GET (no read-ahead on S3)."""
+    pytest.importorskip("nvidia.dali")
+    from tests.pipeline.helpers import make_cfg, take
+
+    url = "s3://data/dali-reads"
+    _upload(local_shards, url)
+    with s3_env.recording() as requests:
+        take(make_cfg(url, "dali"), 30)  # 30 batches of 8 pairs: 5 passes over the 48 samples
+        recorded = requests()
+    gets = _get_counts(recorded)
+    idx_gets = {path: n for path, n in gets.items() if path.endswith(".idx")}
+    assert len(idx_gets) == 6 and set(idx_gets.values()) == {1}
+    tar_heads = sum(method == "HEAD" and path.endswith(".tar") for method, path, _ in recorded)
+    assert tar_heads >= 5 * 6  # a reader build opens every shard again: the index did not come with it
+    ranges = [r for method, path, r in recorded if method == "GET" and path.endswith(".tar") and r]
+    jpg_sizes = {int(r.split("-")[1]) - int(r.split("=")[1].split("-")[0]) + 1 for r in ranges}
+    assert len(ranges) >= 5 * 48 and max(jpg_sizes) < 64 << 10  # one GET of one JPEG member each, not a block
