@@ -118,6 +118,21 @@ def test_parts_of_a_table_are_disjoint_and_cover_every_row_once(num_parts, tmp_p
         assert _row_ids(table, None) == cols["id"]
 
 
+def test_parquet_is_read_one_row_group_at_a_time(tmp_path):
+    """Arrow memory while streaming stays near one row group, not the table (pyarrow pre-buffers what it is given)."""
+    rows = 60_000
+    table = pa.table({"path": [f"d/{i:06d}.jpg" for i in range(rows)],
+                      "caption": [f"a photo of thing {i} " * 5 for i in range(rows)]})
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=2_000)
+    size, baseline = table.nbytes, pa.total_allocated_bytes() - table.nbytes
+    del table
+    peak = count = 0
+    for count, _row in enumerate(tables.iter_rows(str(tmp_path / "t.parquet"), "path"), 1):
+        if count % 1000 == 0:
+            peak = max(peak, pa.total_allocated_bytes() - baseline)
+    assert count == rows and 0 < peak < size / 5
+
+
 def test_csv_parts_read_only_their_byte_range(tmp_path):
     table = _write_csv(tmp_path / "big.csv", {"path": [f"d/{i:06d}.jpg" for i in range(20_000)],
                                               "caption": [f"caption {i}" for i in range(20_000)]})
@@ -207,6 +222,19 @@ def test_parts_of_a_table_build_and_merge_into_every_row_once(photo_dir, tmp_pat
     merged = merge_manifests([str(out)], out)
     ids = [json.loads(s["json"])["id"] for s in _samples(out)]
     assert sorted(ids) == list(range(48)) and merged.total_samples == 48
+
+
+def test_a_table_build_resumes_to_the_same_files(photo_dir, tmp_path):
+    photos = _photos(photo_dir)
+    table = _write_csv(tmp_path / "photos.csv", _columns(photos, tmp_path))
+    out = tmp_path / "out"
+    options = BuildOptions(samples_per_shard=8, workers=1, progress=False)
+    build_shards([str(table)], out, options)
+    before = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+    for stats in sorted(out.glob("*.stats.json"))[-2:]:
+        stats.unlink()  # the last two groups never finished
+    build_shards([str(table)], out, options)
+    assert {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()} == before
 
 
 def test_a_table_in_object_storage(s3_env, photo_dir, tmp_path):
