@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import torch
 
-import distributed
 from config import Config, global_batch
 from distributed import DistInfo
 from pipeline.assignment import RankPass, ShardPlan
@@ -79,6 +78,11 @@ class TrainLoader:
     ``_prepare_next_window()`` starts preparing the next window's reader while this one still delivers, and
     ``_start_window()`` switches to it at the boundary. What is prepared is exactly what the boundary would
     build, so the stream is the same bits with or without it; ``prepare_ahead = None`` turns it off.
+
+    Start-up costs the same whatever the rank's share: the manifest read (O(shards in the manifest), inherent:
+    every rank deals from the whole list), one plan, and the checks of the first window's shards. Every other
+    shard is checked when a window holding it is prepared (``pipeline.shard_check``), so a damaged shard is found
+    then: counted, said once on stderr, and left out of that window's reader.
     """
 
     backend = ""
@@ -89,17 +93,10 @@ class TrainLoader:
         self.dist = dist
         self.recipe: Recipe = RECIPES[cfg.data.recipe]
         self.manifest: Manifest = read_manifest(cfg.data.shards)  # raises naming a missing shard or index file
-        # Damaged shards (0 bytes, truncated, unusable index) are left out or shrunk before the plan deals them
-        # (pipeline.shard_check). Rank 0 surveys and every rank deals from its verdicts: the same plan everywhere
-        # (a rank that saw other files would yield another number of batches and hang a collective).
-        shared = distributed.is_initialized() and dist.world_size > 1
-        self.shard_checks = ShardChecks(self.manifest, survey=dist.is_main or not shared)
-        if shared:
-            self.shard_checks.adopt(distributed.broadcast_object(self.shard_checks.surveyed))
-        self.manifest = self.shard_checks.readable_manifest()
+        self.shard_checks = ShardChecks(self.manifest)
         self.local_batch_size = global_batch(cfg, dist.world_size) // dist.world_size
-        self.plan = ShardPlan(np.fromiter((s.samples for s in self.manifest.shards), dtype=np.int64,
-                                          count=len(self.manifest.shards)), dist.world_size, cfg.run.seed)
+        self.plan = ShardPlan(np.array([s.samples for s in self.manifest.shards], dtype=np.int64), dist.world_size,
+                              cfg.run.seed)
         self.window_shards = cfg.data.window_shards
         self.windows_per_pass = self.plan.windows_per_pass(self.window_shards)
         self.batches_per_pass = self.plan.batches_per_pass(self.local_batch_size, self.window_shards)
@@ -110,11 +107,12 @@ class TrainLoader:
         self.batch_in_pass = 0
         self.window, self.batch_in_window = self._first_window(0), 0
         self.bad = BadSampleLog()
-        if dist.is_main:  # every rank's survey finds the same: rank 0 counts it (a sum over ranks counts it once)
-            self._note_damage(self.shard_checks.at_start, warn=True)
         self.windows_prepared_ahead = 0  # window boundaries that switched to a reader prepared ahead (not built there)
         self.passes_prepared_ahead = 0  # the pass boundaries among them
         self.retirer = Retirer()
+        # The first window's shards are checked now: a corpus of which nothing can be read fails here, before training.
+        self.readable_window(self.window_serial)
+        self._note_found()
 
     # ------------------------------------------------------------------ stream
     def __iter__(self) -> TrainLoader:
@@ -132,6 +130,7 @@ class TrainLoader:
                 self.windows_prepared_ahead += 1
                 self.passes_prepared_ahead += new_pass
         views = self._next_batch()
+        self._note_found()
         self.batch_in_window += 1
         self.batch_in_pass += 1
         left = self.window_batches(self.window_serial) - self.batch_in_window
@@ -211,6 +210,7 @@ class TrainLoader:
 
         A few numbers, whatever the rank's share: the shard lists are dealt again from the seed on resume.
         """
+        self._note_found()  # damage found by a check ahead of its window is counted in the checkpoint
         return {
             "version": STATE_VERSION, "backend": self.backend, "world_size": self.dist.world_size,
             "rank": self.dist.rank, "seed": self.cfg.run.seed, "local_batch_size": self.local_batch_size,
@@ -218,7 +218,7 @@ class TrainLoader:
             "batch_in_window": self.batch_in_window, "batch_in_pass": self.batch_in_pass,
             "bad_sample_locations": list(self.bad.locations), "bad_batches": self.bad.bad_batches,
             "dropped_shards": dict(self.bad.dropped),
-            "readable": [len(self.manifest.shards), self.manifest.total_samples],  # what the plan dealt
+            "readable": [len(self.plan.sizes), int(self.plan.sizes.sum())],  # what the plan dealt
             **self._backend_state(),
         }
 
@@ -238,42 +238,47 @@ class TrainLoader:
         self.batch_in_pass = int(state["batch_in_pass"])
         self._passes = {}
         self.bad = BadSampleLog(state["bad_sample_locations"], int(state["bad_batches"]), state.get("dropped_shards"))
-        readable = [len(self.manifest.shards), self.manifest.total_samples]
+        self._note_damage(self.shard_checks.damaged(), warn=False)  # found since the checkpoint (said when found)
+        readable = [len(self.plan.sizes), int(self.plan.sizes.sum())]
         if state.get("readable", readable) != readable and self.dist.is_main:
-            print(f"warning: the shards that can be read changed since the checkpoint ({state['readable'][0]} shards, "
+            print(f"warning: the shards the plan deals changed since the checkpoint ({state['readable'][0]} shards, "
                   f"{state['readable'][1]} samples then, {readable[0]} / {readable[1]} now): the data order differs "
                   "from the uninterrupted run", file=sys.stderr, flush=True)
-        if self.dist.is_main:
-            self._note_damage(self.shard_checks.at_start, warn=False)  # damage found since the checkpoint counts too
         self._load_backend_state(state)
 
     # ------------------------------------------------------------------ damaged shards
     def readable_window(self, serial: int) -> list[int]:
         """The shards the reader of window ``serial`` reads (call it where a reader's shard list is built): the
-        window's shards less those found unreadable. Readers never run dry (they cycle), so the window still
-        yields its quota of batches; a window left with no shard at all reads the readable rest of the rank's
-        share of the pass instead.
+        window's shards less those found unreadable, each checked on first use. Readers never run dry (they
+        cycle), so the window still yields its quota of batches. A window left with no shard at all reads, in
+        their place, the first readable shards (as many as the window has) of the rest of the rank's share of
+        the pass, then of the whole manifest, both taken cyclically from the window on: a rank dealt nothing
+        readable (a tiny corpus) still yields its batches.
+
+        Safe to call from a thread preparing a window ahead: it checks, the loader's thread counts
+        (:meth:`_note_found`).
 
         Raises:
-            ManifestError: nothing in the rank's share of the pass can be read.
+            ManifestError: no shard of the manifest can be read.
         """
-        kept = self.readable_shards(self.window_shards_of(serial).tolist())
-        if not kept:
-            share = self.rank_pass(serial // self.windows_per_pass).shards.tolist()
-            kept = self.readable_shards(share)
-            if not kept:
-                raise ManifestError(f"rank {self.dist.rank}: none of the {len(share)} shards dealt to it can be read "
-                                    f"({', '.join(self.bad.dropped)}); run `python -m shards verify "
-                                    f"{self.manifest.root}`")
-        return kept
-
-    def readable_shards(self, shards: list[int]) -> list[int]:
-        """``shards`` (indices into ``manifest.shards``) less those found unreadable. Each shard is checked once
-        (``pipeline.shard_check``): new damage is counted and logged here, a dropped shard with one warning line."""
-        fresh = [self.shard_checks.check(self.manifest.shards[i]) for i in shards
-                 if not self.shard_checks.is_checked(self.manifest.shards[i])]
-        self._note_damage([c for c in fresh if c.damaged], warn=True, this_rank=True)
-        return [i for i in shards if self.shard_checks.check(self.manifest.shards[i]).usable]
+        window = self.window_shards_of(serial).tolist()
+        kept = [i for i in window if self.shard_checks.check(i).usable]
+        if kept:
+            return kept
+        share = self.rank_pass(serial // self.windows_per_pass).shards
+        after = int(self.rank_pass(serial // self.windows_per_pass).bounds[serial % self.windows_per_pass + 1])
+        total = len(self.manifest.shards)
+        for candidates in (np.roll(share, -after), (np.arange(total) + window[0]) % total):
+            for i in candidates.tolist():
+                if self.shard_checks.check(i).usable:
+                    kept.append(i)
+                    if len(kept) == len(window):
+                        return kept
+            if kept:
+                return kept
+        first = self.shard_checks.check(window[0])
+        raise ManifestError(f"none of the {total} shards of {self.manifest.root} can be read (first: {first.tar}: "
+                            f"{first.problem}); run `python -m shards verify {self.manifest.root}`")
 
     def note_bad_sample(self, loc: str) -> bool:
         """Count the unreadable sample at ``loc`` (``<tar>:<offset>:<member>``: it does not decode, or its bytes
@@ -284,13 +289,20 @@ class TrainLoader:
         print(f"warning: {who}skipped an unreadable sample at {loc}", file=sys.stderr, flush=True)
         return True
 
-    def _note_damage(self, checks: list[ShardCheck], warn: bool, this_rank: bool = False) -> None:
-        """Count the samples ``checks`` found unreadable; with ``warn``, one line per damaged shard on stderr
-        (naming the rank when ``this_rank``: found by this rank's reader, not by every rank's survey)."""
-        who = f"rank {self.dist.rank}: " if this_rank and self.dist.world_size > 1 else ""
-        for check in checks:
+    def _note_found(self) -> None:
+        """Count and report the damaged shards the checks found since the last call (in any thread)."""
+        found = self.shard_checks.take_found()
+        if found:
+            self._note_damage(found)
+
+    def _note_damage(self, found: list[tuple[int, ShardCheck]], warn: bool = True) -> None:
+        """Count the samples the verdicts ``found`` (``(shard index, verdict)``) say are unreadable; with ``warn``,
+        one line per damaged shard on stderr (naming the rank: each rank counts what its own windows' checks find,
+        and a shard dealt to two ranks in two passes is counted by both)."""
+        who = f"rank {self.dist.rank}: " if self.dist.world_size > 1 else ""
+        for i, check in found:
             if not check.usable:
-                samples = self.shard_checks.samples_of.get(check.tar, 0)
+                samples = self.manifest.shards[i].samples
                 if self.bad.drop(check.tar, samples) and warn:
                     print(f"warning: {who}shard {check.tar} dropped ({samples} samples): {check.problem}",
                           file=sys.stderr, flush=True)

@@ -15,10 +15,11 @@ seed, starting again at the first of the window's shards). The restart is determ
 checkpoint taken after it still reproduces the uninterrupted stream.
 
 The next window's pipeline (the next pass's first at a pass boundary) is built ahead, in a background thread,
-once ``prepare_ahead`` batches of the window are left; the thread also runs its first batch, so at the boundary the loader only swaps pipelines (building
-at the boundary cost 0.4-2 s per pass on an H200). It is built from the same paths, filtered indexes and seeds
-as a build at the boundary, hence the same stream; if a corrupt sample is found after it was started (the
-known-bad set changed), it is thrown away and the boundary builds afresh. DALI allows this: the pipeline being
+once ``prepare_ahead`` batches of the window are left; the thread first checks the window's shards
+(``pipeline.shard_check``) and also runs the first batch, so at the boundary the loader only swaps pipelines
+(building at the boundary cost 0.4-2 s per pass on an H200). It is built from the same paths, filtered indexes
+and seeds as a build at the boundary, hence the same stream; if a corrupt sample found after it was started
+changes what the window's reader must leave out, it is thrown away and the boundary builds afresh. DALI allows this: the pipeline being
 defined is thread-local (``Pipeline.current()``), operator ids come from a locked counter, and separate
 pipelines may be built and run in separate threads (DALI's own multithreading tests run one pipeline per
 thread); the new pipeline is touched by the background thread only until the loader joins it.
@@ -61,19 +62,24 @@ class _NextWindow:
     Args:
         window: the window it reads (``TrainLoader.window_serial``).
         bad: the known-bad sample locations it was built without (its filtered indexes).
+        files: checks the window's shards and returns what its reader reads (called in the thread first).
         build: builds the pipeline (called in the thread).
     """
 
-    def __init__(self, window: int, bad: tuple[str, ...], build: Callable[[], Pipeline]):
+    def __init__(self, window: int, bad: tuple[str, ...], files: Callable[[], list[tuple[str, str, frozenset]]],
+                 build: Callable[[], Pipeline]):
         self.window, self.bad = window, bad
+        self.files: list[tuple[str, str, frozenset]] | None = None  # (tar, index, names left out) it was built from
         self.pipe: Pipeline | None = None
         self.first: Any = None  # the first batch's DALI outputs, or the exception its run raised
-        self.error: BaseException | None = None  # what building it raised
-        self._thread = threading.Thread(target=self._run, args=(build,), name=f"dali-window-{window}", daemon=True)
+        self.error: BaseException | None = None  # what checking or building it raised
+        self._thread = threading.Thread(target=self._run, args=(files, build), name=f"dali-window-{window}",
+                                        daemon=True)
         self._thread.start()
 
-    def _run(self, build: Callable[[], Pipeline]) -> None:
+    def _run(self, files: Callable[[], list[tuple[str, str, frozenset]]], build: Callable[[], Pipeline]) -> None:
         try:
+            self.files = files()
             self.pipe = build()
         except BaseException as exc:  # noqa: BLE001 - re-raised by the loader at the boundary
             self.error = exc
@@ -114,18 +120,25 @@ class DaliLoader(TrainLoader):
         self._index_dir = Path(tempfile.mkdtemp(prefix="moco-dali-idx-"))
 
     # ------------------------------------------------------------------ building
-    def _paths(self, window: int, bad: BadSampleLog) -> tuple[list[str], list[str]]:
-        """The tar and index paths of ``window`` (a serial), the samples in ``bad`` filtered out of the index."""
+    def _window_files(self, window: int, bad: BadSampleLog) -> list[tuple[str, str, frozenset]]:
+        """What the reader of ``window`` (a serial) reads: ``(tar, index, member names left out)`` per shard, its
+        shards checked first. Left out: the samples in ``bad`` and those the shard check found lost (beyond the
+        end of a truncated tar). Thread-safe: the next window's thread calls it."""
         drop = bad.names_by_tar()
-        tars, indexes = [], []
+        files = []
         for i in self.readable_window(window):
             entry = self.manifest.shards[i]
-            tar, index = str(self.manifest.tar_path(entry)), self.manifest.index_path(entry)
-            # ... and those the shard check found lost (beyond the end of a truncated tar): on every rank, counted
-            # by the one that found them
-            names = drop.get(tar, set()) | {loc.rsplit(":", 1)[1] for loc in self.shard_checks.check(entry).lost}
-            tars.append(tar)
-            indexes.append(str(filtered_index(index, names, self._index_dir) if names else index))
+            tar = str(self.manifest.tar_path(entry))
+            names = drop.get(tar, set()) | {loc.rsplit(":", 1)[1] for loc in self.shard_checks.check(i).lost}
+            files.append((tar, str(self.manifest.index_path(entry)), frozenset(names)))
+        return files
+
+    def _paths(self, window: int, bad: BadSampleLog) -> tuple[list[str], list[str]]:
+        """The tar and index paths of ``window`` (a serial), the samples left out filtered out of the index."""
+        files = self._window_files(window, bad)
+        tars = [tar for tar, _index, _names in files]
+        indexes = [str(filtered_index(index, set(names), self._index_dir)) if names else index
+                   for _tar, index, names in files]
         return tars, indexes
 
     def _seed(self, what: str, window: int, restarts: int) -> int:
@@ -179,9 +192,10 @@ class DaliLoader(TrainLoader):
     def _prepare_next_window(self) -> None:
         if self._next is None:
             upcoming = self.next_window(self.window_serial)  # deals the next pass here, not in the thread
-            self.readable_window(upcoming)  # checked here: the thread only reads the verdicts
             bad = BadSampleLog(self.bad.locations)  # a copy: finds after this point must not reach the thread
-            self._next = _NextWindow(upcoming, tuple(bad.locations), lambda: self._make_pipe(upcoming, 0, bad))
+            # The thread checks the window's shards (what it finds is counted by this thread, in __next__).
+            self._next = _NextWindow(upcoming, tuple(bad.locations), lambda: self._window_files(upcoming, bad),
+                                     lambda: self._make_pipe(upcoming, 0, bad))
 
     def _start_window(self) -> bool:
         holder, self._pipe, self._first = [self._pipe], None, None
@@ -192,8 +206,10 @@ class DaliLoader(TrainLoader):
         if upcoming is None:
             return False
         upcoming.wait()
-        if upcoming.window != self.window_serial or upcoming.bad != tuple(self.bad.locations):
-            upcoming.discard()  # corrupt samples found since it was started: build afresh without them
+        if upcoming.window != self.window_serial or (
+                upcoming.files != self._window_files(self.window_serial, self.bad) if upcoming.error is None
+                else upcoming.bad != tuple(self.bad.locations)):
+            upcoming.discard()  # corrupt samples of this window found since it was started: build afresh without them
             return False
         if upcoming.error is not None:
             upcoming.error.add_note(
@@ -261,12 +277,14 @@ class DaliLoader(TrainLoader):
         self.restart_at = self.batch_in_window
 
     def _recheck_shards(self) -> list[str]:
-        """Check this window's shards afresh; return what is newly found unreadable (locations, dropped tars)."""
-        shards = self.readable_window(self.window_serial)
+        """Check the shards this window reads afresh (not the rest of the pass); return what is newly found
+        unreadable (locations, dropped tars)."""
+        self._note_found()
         seen, dropped = len(self.bad.locations), len(self.bad.dropped)
-        for i in shards:
-            self.shard_checks.forget(self.manifest.shards[i])
-        self.readable_shards(shards)
+        for i in self.readable_window(self.window_serial):
+            self.shard_checks.forget(i)
+        self.readable_window(self.window_serial)
+        self._note_found()
         return self.bad.locations[seen:] + list(self.bad.dropped)[dropped:]
 
     def _scan_failed_batch(self) -> list[str]:

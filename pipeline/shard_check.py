@@ -1,89 +1,75 @@
-"""The loader's shard checks: a survey at start, then each shard checked once when a reader is built.
+"""The loader's shard checks: each shard checked once, when the reader of a window that holds it is prepared.
 
-What a check finds and what it costs is :mod:`shards.check`. :class:`ShardChecks` runs the checks for a loader: at
-start, rank 0 looks up the size of every shard and checks further the ones whose size differs from the manifest's
-or whose index is empty, and every rank takes its verdicts (so the shard plan, the same on every rank, leaves out
-or shrinks what is damaged before it deals); when a reader is built, each shard it is dealt is checked once (the
-index parse catches what a size cannot).
+What a check finds and what it costs is :mod:`shards.check` (a size lookup, the index parse, a few 512-byte reads).
+No shard is checked at start-up beyond those of the first window: a survey of every shard (rank 0 used to ``stat``
+all of them and broadcast its verdicts) cost O(shards in the manifest) before the first batch, 4 s of the 16 s
+start-up at 100k shards per rank. The plan therefore deals every shard the manifest lists, and a window's reader
+reads the window's shards less those found unreadable (``TrainLoader.readable_window``); readers cycle, so every
+rank still yields the same number of batches.
+
+Checks may run in a background thread (the DALI loader prepares the next window's reader in one): verdicts are
+recorded under a lock, and the damaged ones are queued until the loader's own thread takes them
+(:meth:`ShardChecks.take_found`) to count and report them.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 
-from shards import storage
 from shards.check import ShardCheck, check_shard
-from shards.manifest import Manifest, ManifestError, ShardEntry
-
-
-def suspicious(manifest: Manifest, i: int) -> bool:
-    """True when ``stat`` says shard ``i`` differs from the manifest: tar size changed, index missing or empty."""
-    entry = manifest.shards[i]
-    try:
-        return (storage.size(manifest.tar_path(entry)) != entry.bytes
-                or storage.size(manifest.index_url(entry)) == 0)
-    except OSError:
-        return True
+from shards.manifest import Manifest
 
 
 class ShardChecks:
-    """A loader's shard checks: a survey at start (the same on every rank), then once per shard at reader build.
+    """A loader's shard checks, by index into ``manifest.shards``; thread-safe.
 
     Args:
         manifest: the data set as its manifest lists it.
-        survey: run the survey here (else :meth:`adopt` another rank's).
     """
 
-    def __init__(self, manifest: Manifest, survey: bool = True):
+    def __init__(self, manifest: Manifest):
         self.manifest = manifest
-        self.samples_of = {str(manifest.tar_path(e)): e.samples for e in manifest.shards}  # what the manifest says
-        self._checked: dict[str, ShardCheck] = {}
-        # The verdicts on the shards whose stat differs from the manifest, in manifest order.
-        self.surveyed = [self.check(e) for i, e in enumerate(manifest.shards) if survey and suspicious(manifest, i)]
+        self._checked: dict[int, ShardCheck] = {}
+        self._damaged: dict[int, ShardCheck] = {}  # the damaged verdicts, in the order found
+        self._found: list[tuple[int, ShardCheck]] = []  # damaged verdicts the loader has not taken yet
+        self._lock = threading.Lock()
 
-    @property
-    def at_start(self) -> list[ShardCheck]:
-        """The damaged shards the survey found, in manifest order."""
-        return [c for c in self.surveyed if c.damaged]
+    def check(self, i: int) -> ShardCheck:
+        """The verdict on shard ``i`` (checked on the first call only)."""
+        found = self._checked.get(i)
+        if found is not None:
+            return found
+        entry = self.manifest.shards[i]
+        found = check_shard(str(self.manifest.tar_path(entry)), self.manifest.index_path(entry))
+        # A sound shard's records are not kept: readers parse the index themselves (1.28M records take ~0.9 GB,
+        # measured with tracemalloc).
+        found = found if found.damaged else replace(found, samples=[])
+        with self._lock:
+            if i in self._checked:  # checked meanwhile in another thread: one verdict, reported once
+                return self._checked[i]
+            self._checked[i] = found
+            if found.damaged:
+                self._damaged[i] = found
+                self._found.append((i, found))
+        return found
 
-    def adopt(self, surveyed: list[ShardCheck]) -> None:
-        """Take another rank's survey as this one's (rank 0's, broadcast: every rank then deals the same)."""
-        self.surveyed = list(surveyed)
-        self._checked.update({c.tar: c for c in surveyed})
+    def is_checked(self, i: int) -> bool:
+        return i in self._checked
 
-    def check(self, entry: ShardEntry) -> ShardCheck:
-        """The verdict on shard ``entry`` (checked on the first call only)."""
-        tar = str(self.manifest.tar_path(entry))
-        if tar not in self._checked:
-            found = check_shard(tar, self.manifest.index_path(entry))
-            # A sound shard's records are not kept: every rank checks every shard in time, and its readers parse
-            # the index themselves (1.28M records take ~0.9 GB, measured with tracemalloc).
-            self._checked[tar] = found if found.damaged else replace(found, samples=[])
-        return self._checked[tar]
+    def forget(self, i: int) -> None:
+        """Check shard ``i`` afresh next time (its files changed while they were read)."""
+        with self._lock:
+            self._checked.pop(i, None)
+            self._damaged.pop(i, None)
 
-    def is_checked(self, entry: ShardEntry) -> bool:
-        return str(self.manifest.tar_path(entry)) in self._checked
+    def damaged(self) -> list[tuple[int, ShardCheck]]:
+        """Every damaged shard found so far, as ``(index, verdict)`` in the order found."""
+        with self._lock:
+            return list(self._damaged.items())
 
-    def forget(self, entry: ShardEntry) -> None:
-        """Check ``entry`` afresh next time (its files changed while they were read)."""
-        self._checked.pop(str(self.manifest.tar_path(entry)), None)
-
-    def readable_manifest(self) -> Manifest:
-        """The manifest the shard plan deals: what the survey found unreadable left out, a truncated shard
-        with the samples it still has.
-
-        Raises:
-            ManifestError: no shard can be read.
-        """
-        shards = []
-        for entry in self.manifest.shards:
-            found = self._checked.get(str(self.manifest.tar_path(entry)))
-            if found is None:
-                shards.append(entry)
-            elif found.usable:
-                shards.append(replace(entry, samples=found.readable))
-        if not shards:
-            raise ManifestError(f"none of the {len(self.manifest.shards)} shards of {self.manifest.root} can be read "
-                                f"(first: {self.at_start[0].tar}: {self.at_start[0].problem}); "
-                                f"run `python -m shards verify {self.manifest.root}`")
-        return replace(self.manifest, shards=shards)
+    def take_found(self) -> list[tuple[int, ShardCheck]]:
+        """The damaged shards found since the last call, as ``(index, verdict)`` in the order found."""
+        with self._lock:
+            found, self._found = self._found, []
+        return found

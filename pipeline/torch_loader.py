@@ -189,8 +189,8 @@ class TorchLoader(TrainLoader):
         urls = [str(self.manifest.tar_path(e)) for e in entries]
         # Read at the index's offsets (parsed in the workers); the samples the shard check found lost are left out.
         index_of = {url: str(self.manifest.index_path(e)) for url, e in zip(urls, entries)}
-        lost_of = {url: {loc.rsplit(":", 1)[1] for loc in found.lost} for url, e in zip(urls, entries)
-                   if (found := self.shard_checks.check(e)).lost}
+        lost_of = {url: {loc.rsplit(":", 1)[1] for loc in found.lost} for url, i in zip(urls, shards)
+                   if (found := self.shard_checks.check(i)).lost}
         streams = len(consumed)
         # batch j of the window comes from stream j % streams: stream s owns the j in [start, B) with j = s mod W
         batches = self.window_batches(window)

@@ -18,10 +18,13 @@ every tar (``webdataset.WebDataset(root + "/" + pattern)``), or null when the na
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -93,7 +96,12 @@ class Manifest:
         }
 
     def check_files(self) -> None:
-        """Raise ManifestError naming the first shard tar or index file that is missing."""
+        """Raise ManifestError naming the first shard tar or index file that is missing.
+
+        One listing per folder holding shards (one for the whole store in object storage), not one ``stat`` per
+        file: 0.2 s for the 200k files of a 100k-shard manifest, where ``Path.is_file`` took 1.4 s (``python -m
+        benchmarks run --suite scale``).
+        """
         if storage.is_url(self.root):
             try:
                 # One listing, not one request per file; its sizes kept for the loaders' size checks of the shards.
@@ -105,11 +113,36 @@ class Manifest:
                     if path not in present:
                         raise ManifestError(f"missing {'shard' if path.endswith('.tar') else 'index file'}: {path}")
             return
-        for shard in self.shards:
-            for path in (self.tar_path(shard), self.index_path(shard)):
-                if not path.is_file():
-                    kind = "shard" if path.suffix == ".tar" else "index file"
-                    raise ManifestError(f"missing {kind}: {path}")
+        root = os.fspath(self.root)
+        listed: dict[str, set[str]] = {}  # folder relative to the root ('' for the root) -> the names in it
+
+        def absent(names: set[str]) -> set[str]:
+            """Those of ``names`` (relative to the root) not in a listing of their folder."""
+            if "" not in listed:
+                listed[""] = _listing(root)
+            missing = set()
+            for name in names - listed[""]:  # in a sub-folder, or missing
+                folder, _, base = name.rpartition("/")
+                if folder not in listed:
+                    listed[folder] = _listing(os.path.join(root, folder))
+                if base not in listed[folder] and not os.path.isfile(os.path.join(root, name)):  # '..', links
+                    missing.add(name)
+            return missing
+
+        for field_name, kind in (("tar", "shard"), ("index", "index file")):
+            missing = absent({getattr(shard, field_name) for shard in self.shards})
+            if missing:
+                first = next(getattr(s, field_name) for s in self.shards if getattr(s, field_name) in missing)
+                raise ManifestError(f"missing {kind}: {Path(root, first)}")
+
+
+def _listing(folder: str) -> set[str]:
+    """The names in ``folder`` (none when it cannot be listed); files and folders alike: a ``stat`` each would
+    double the cost, and a folder named like a shard fails when it is read, as a damaged shard."""
+    try:
+        return set(os.listdir(folder))
+    except OSError:
+        return set()
 
 
 def brace_pattern(tars: list[str]) -> str | None:
@@ -153,7 +186,8 @@ def read_manifest(path: str | os.PathLike, check_files: bool = True) -> Manifest
     if not path.is_file():
         raise ManifestError(_not_found(given, path))
     try:
-        raw = json.loads(path.read_bytes().decode("utf-8"))
+        with _no_gc():
+            raw = json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:
         raise ManifestError(f"{path} is not a shard manifest (not UTF-8 text): pass the directory that "
                             f"`python -m shards build` wrote, or its {MANIFEST_NAME}") from None
@@ -167,7 +201,8 @@ def read_manifest(path: str | os.PathLike, check_files: bool = True) -> Manifest
                             "`python -m shards build` wrote")
     if raw.get("version") != MANIFEST_VERSION:
         raise ManifestError(f"{path}: unsupported manifest version {raw.get('version')!r}")
-    shards = [_shard_entry(s, k, path) for k, s in enumerate(raw["shards"])]
+    with _no_gc():
+        shards = _shard_entries(raw["shards"], path)
     if not shards:
         raise ManifestError(f"{path}: the manifest lists no shards")
     manifest = Manifest(shards=shards, prefix=raw.get("prefix", "train"), options=raw.get("options", {}),
@@ -179,6 +214,20 @@ def read_manifest(path: str | os.PathLike, check_files: bool = True) -> Manifest
 
 _INT_FIELDS = {"samples": 1, "bytes": 0, "max_sample_bytes": 0}  # the smallest value each may take
 _FILE_FIELDS = ("tar", "index")
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector: parsing a manifest makes millions of dicts and strings (no cycles), and
+    each full collection they trigger walks every object of the process (torch's and DALI's included): 100k
+    entries parse in 0.2 s instead of 0.4 s after ``import torch``."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _not_found(given: Path, path: Path) -> str:
@@ -197,6 +246,38 @@ def _not_found(given: Path, path: Path) -> str:
     elif given.suffix.lower() in IMAGE_SUFFIXES and given.is_file():
         return f"{given} is an image, not a shard manifest: build shards with `python -m shards build` first"
     return f"shard manifest not found: {path}"
+
+
+_KNOWN_FIELDS = frozenset(f.name for f in fields(ShardEntry))
+_REQUIRED_FIELDS = frozenset(f.name for f in fields(ShardEntry) if f.default is MISSING)
+_DEFAULTS = {f.name: f.default for f in fields(ShardEntry) if f.default is not MISSING}
+
+
+def _sound(raw: Any) -> bool:
+    """Whether one manifest entry passes every check of :func:`_shard_entry` (the fast path: no message)."""
+    return (type(raw) is dict and raw.keys() <= _KNOWN_FIELDS and _REQUIRED_FIELDS <= raw.keys()
+            and type(raw["tar"]) is str and raw["tar"] != "" and type(raw["index"]) is str and raw["index"] != ""
+            and type(raw["samples"]) is int and raw["samples"] >= 1 and type(raw["bytes"]) is int and raw["bytes"] >= 0
+            and type(raw.get("max_sample_bytes", 0)) is int and raw.get("max_sample_bytes", 0) >= 0)
+
+
+def _shard_entries(raw: list[Any], path: Path) -> list[ShardEntry]:
+    """The manifest's shard entries, each checked (ManifestError naming the first bad one and its field).
+
+    Every rank reads the whole list (it deals from it), so this is O(shards) per process and kept small: one
+    check per entry without building a message, and entries built without the frozen dataclass's ``__init__``
+    (which sets each field through ``object.__setattr__``): 0.13 s for 100k entries where one ``ShardEntry(**raw)``
+    plus a check with messages each took 0.9 s.
+    """
+    if not all(map(_sound, raw)):
+        return [_shard_entry(s, k, path) for k, s in enumerate(raw)]  # raises naming the first bad entry
+    new, set_dict, full = object.__new__, object.__setattr__, len(_KNOWN_FIELDS)
+    entries = []
+    for s in raw:
+        entry = new(ShardEntry)
+        set_dict(entry, "__dict__", s if len(s) == full else {**_DEFAULTS, **s})  # what __init__ sets, checked
+        entries.append(entry)
+    return entries
 
 
 def _shard_entry(raw: Any, k: int, path: Path) -> ShardEntry:

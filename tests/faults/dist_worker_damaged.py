@@ -1,7 +1,7 @@
 """Run under torchrun by tests/faults/test_damaged_shards.py: every rank reads a damaged corpus for two passes.
 
-Args: SHARD_DIR BACKEND OUT_DIR. Every rank writes what it saw (batches per pass, bad samples, its survey) to
-OUT_DIR/rank<r>.json.
+Args: SHARD_DIR BACKEND OUT_DIR. Every rank writes what it saw (batches per pass, bad samples, the shards it dropped,
+whether it was dealt shard 1 in the passes it read) to OUT_DIR/rank<r>.json.
 """
 
 import json
@@ -18,6 +18,7 @@ loader = build_train_loader(make_cfg(Path(shard_dir), backend, batch_size_per_gp
 shapes = [tuple(next(loader)[0].shape) for _ in range(2 * loader.batches_per_pass + 1)]
 (out_dir / f"rank{dist.rank}.json").write_text(json.dumps({
     "batches_per_pass": loader.batches_per_pass, "pass": loader.pass_index, "bad": loader.bad_samples,
-    "shapes": sorted(set(shapes)), "surveyed": [c.tar for c in loader.shard_checks.surveyed]}))
+    "shapes": sorted(set(shapes)), "dropped": list(loader.dropped_shards),
+    "dealt_shard_1": any(1 in loader.plan.rank_shards(p, dist.rank).tolist() for p in range(3))}))
 loader.close()
 distributed.teardown_distributed()

@@ -110,13 +110,17 @@ def test_shards_cut_while_they_are_read(clean, tmp_path, backend):
         loader.close()
 
 
-def test_the_survey_shrinks_the_plan_before_it_deals(clean, tmp_path):
-    # Damage visible to stat (size differs from the manifest) changes the plan: 16 + 8 + 16 readable samples.
+def test_the_plan_deals_what_the_manifest_lists_whatever_the_damage(clean, tmp_path):
+    # No survey before dealing (it cost O(shards) at start-up): a cut shard keeps its manifest count in the plan,
+    # 3 x 16 samples make 6 batches of 8, and its window's reader cycles through the 40 it can read.
     root = damage.copy_corpus(clean, tmp_path / "shards")
-    _damage("cut_in_data", root)
+    lost, _, _ = _damage("cut_in_data", root)
     loader = build_train_loader(make_cfg(root, "pytorch"), DistInfo())
-    assert [s.samples for s in loader.manifest.shards] == [16, 8, 16] and loader.batches_per_pass == 5
-    loader.close()
+    try:
+        assert loader.plan.sizes.tolist() == [16, 16, 16] and loader.batches_per_pass == 6
+        assert loader.bad_samples == len(lost) == 8  # the first window's shards are checked at construction
+    finally:
+        loader.close()
 
 
 def test_corrupt_member_header_loses_nothing(clean, tmp_path):
@@ -140,11 +144,11 @@ def test_resume_is_exact_on_a_damaged_corpus(clean, tmp_path, backend):
     damage.garble_index(root / "train-000002.idx")
     cfg = make_cfg(root, backend)
     loader = build_train_loader(cfg, DistInfo())
-    assert loader.batches_per_pass == 5
-    for _ in range(3):
+    assert loader.batches_per_pass == 6
+    for _ in range(4):
         next(loader)
     state = loader.state_dict()
-    expected = [next(loader) for _ in range(4)]  # across the pass boundary
+    expected = [next(loader) for _ in range(4)]  # across the pass boundary (after batch 6)
     loader.close()
     resumed = build_train_loader(cfg, DistInfo())
     resumed.load_state_dict(state)
@@ -157,7 +161,7 @@ def test_resume_is_exact_on_a_damaged_corpus(clean, tmp_path, backend):
         assert torch.equal(q1, q2) and torch.equal(k1, k2)
 
 
-def test_resume_onto_newly_damaged_shards_counts_them_and_says_the_order_changed(clean, tmp_path, capsys):
+def test_resume_onto_newly_damaged_shards_counts_them(clean, tmp_path, capsys):
     root = damage.copy_corpus(clean, tmp_path / "shards")
     cfg = make_cfg(root, "pytorch")
     loader = build_train_loader(cfg, DistInfo())
@@ -173,12 +177,20 @@ def test_resume_onto_newly_damaged_shards_counts_them_and_says_the_order_changed
     finally:
         resumed.close()
     err = capsys.readouterr().err
-    assert "changed since the checkpoint (3 shards, 48 samples then, 3 / 40 now)" in err
+    assert "changed since the checkpoint" not in err  # the plan deals the manifest: same order of windows
+    assert "train-000001.tar: truncated at" in err
+
+
+def _dealt_in(loader, passes: int, shard: int) -> list[int]:
+    """The ranks that were dealt ``shard`` in any of the first ``passes`` passes."""
+    return sorted({r for p in range(passes) for r in range(loader.plan.world_size)
+                   if shard in loader.plan.rank_shards(p, r).tolist()})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ranks_yield_the_same_batches_when_a_shard_is_dropped(clean, tmp_path, capsys, backend):
-    # 3 shards over 2 ranks with one of them empty: the plan deals the two readable ones, one per rank.
+    # 3 shards over 2 ranks with one of them empty: a rank whose share is that shard alone reads readable shards of
+    # the manifest in its place. Each rank counts and says the damage its own windows' checks find.
     root = damage.copy_corpus(clean, tmp_path / "shards")
     _damage("zero_bytes", root)
     cfg = make_cfg(root, backend, batch_size_per_gpu=4)
@@ -189,12 +201,13 @@ def test_ranks_yield_the_same_batches_when_a_shard_is_dropped(clean, tmp_path, c
             for _ in range(2 * loader.batches_per_pass + 1):
                 assert next(loader)[0].shape == (4, 3, 64, 64)
             assert loader.pass_index == 2
-        assert [loader.bad_samples for loader in loaders] == [16, 0]  # counted once, by rank 0 (train.py sums ranks)
+        finders = _dealt_in(loaders[0], 3, 1)
+        assert finders and [loader.bad_samples for loader in loaders] == [16 * (r in finders) for r in range(2)]
     finally:
         for loader in loaders:
             loader.close()
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1  # said once, by rank 0: every rank reaches the same verdict
+    assert sorted(line.split(":")[1] for line in warnings) == [f" rank {r}" for r in finders], warnings
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -214,18 +227,20 @@ def test_a_window_left_without_a_shard_reads_the_rest_of_the_pass(clean, tmp_pat
 
 
 @pytest.mark.slow
-def test_ranks_of_a_process_group_deal_from_rank_0s_survey(clean, tmp_path):
-    # Real gloo ranks: rank 0 surveys, broadcasts its verdicts, and is the only one to count and say them.
+def test_ranks_of_a_process_group_check_their_own_windows(clean, tmp_path):
+    # Real gloo ranks, no collective in the loader: each rank checks the shards of its own windows.
     root = damage.copy_corpus(clean, tmp_path / "shards")
     _damage("zero_bytes", root)
     proc = run_torchrun(Path(__file__).with_name("dist_worker_damaged.py"), nproc=2,
                         args=[str(root), "dali", str(tmp_path)], timeout=240)
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [s["batches_per_pass"] for s in seen] == [4, 4] and [s["pass"] for s in seen] == [2, 2]
-    assert [s["bad"] for s in seen] == [16, 0] and all(s["shapes"] == [[4, 3, 64, 64]] for s in seen)
-    assert seen[0]["surveyed"] == seen[1]["surveyed"] == [str(root / f"{SHARD}.tar")]
+    assert all(s["shapes"] == [[4, 3, 64, 64]] for s in seen)
+    finders = [r for r in range(2) if seen[r]["dealt_shard_1"]]
+    assert finders and [s["bad"] for s in seen] == [16 * (r in finders) for r in range(2)]
+    assert all(s["dropped"] == ([str(root / f"{SHARD}.tar")] if r in finders else []) for r, s in enumerate(seen))
     said = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("warning:")]
-    assert len(said) == 1 and "empty file (0 bytes)" in said[0]
+    assert len(said) == len(finders) and all("empty file (0 bytes)" in line for line in said)
 
 
 def test_a_corpus_without_a_readable_shard_is_a_one_line_error(clean, tmp_path):

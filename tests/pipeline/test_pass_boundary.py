@@ -77,7 +77,8 @@ def test_dali_corrupt_sample_found_after_the_next_pass_was_started(corrupt_shard
     _assert_same(reference, got)
 
 
-def test_dali_bad_set_changed_at_the_boundary_builds_afresh(shard_dir):
+@pytest.mark.parametrize("where", ["elsewhere", "in_the_window"])
+def test_dali_bad_set_changed_at_the_boundary_builds_afresh_only_for_the_window(shard_dir, where):
     cfg = make_cfg(shard_dir, "dali")
     reference, _ = _stream(cfg, 8, None)
     loader = build_train_loader(cfg, DistInfo())
@@ -85,11 +86,12 @@ def test_dali_bad_set_changed_at_the_boundary_builds_afresh(shard_dir):
         loader.prepare_ahead = 100
         got = [next(loader) for _ in range(6)]
         assert loader._next is not None
-        # A find in a shard no pass reads here: the stream is unchanged, but the prepared pipeline was built
-        # for another bad set, so the boundary must not use it.
-        loader.bad.add("/elsewhere/train-999999.tar:1536:000000000.jpg")
+        # A find in a shard the prepared window does not read leaves its pipeline as the boundary would build it;
+        # one in a shard it reads (a member no record owns: the stream is unchanged) makes the boundary rebuild.
+        tar = "/elsewhere/train-999999.tar" if where == "elsewhere" else str(shard_dir / "train-000001.tar")
+        loader.bad.add(f"{tar}:1536:no-such-member.jpg")
         got += [next(loader) for _ in range(2)]
-        assert loader.passes_prepared_ahead == 0 and loader.pass_index == 1
+        assert loader.passes_prepared_ahead == (where == "elsewhere") and loader.pass_index == 1
     finally:
         loader.close()
     _assert_same(reference, got)
