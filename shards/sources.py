@@ -41,7 +41,6 @@ process never stats a listed path.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import tarfile
@@ -132,21 +131,20 @@ def _check_remote_input(url: str, labels_from_folders: bool) -> None:
 
 
 def _check_first_entry(item: str, path_column: str) -> None:
-    """A table's path column exists and the first path of a list or table is not an http(s) URL (one read)."""
+    """A table's path column exists and the first path of a list or table is not an http(s) URL (a few KiB read)."""
     base = storage.parent(item)
     try:
         if tables.is_table(item):
-            column = tables.path_column(item, path_column)
-            first = tables.first_path(item, column)
-            if isinstance(first, str) and first.strip():
-                _resolve(first.strip(), base, item)
+            first = tables.first_path(item, tables.path_column(item, path_column))
         elif item.lower().endswith(LIST_SUFFIXES):
-            with contextlib.closing(_list_lines(item, None)) as lines:
-                first = next(lines, None)
-            if first is not None:
-                _resolve(first, base, item)
+            lines = (raw.decode("utf-8", "surrogateescape").strip() for raw in tables.first_lines(item, 64))
+            first = next((line for line in lines if line and not line.startswith("#")), None)
+        else:
+            return
     except tables.TableError as exc:
         raise InputError(str(exc)) from None
+    if isinstance(first, str) and first.strip():
+        _resolve(first.strip(), base, item)
 
 
 def _is_web(path: str) -> bool:

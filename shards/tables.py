@@ -31,6 +31,7 @@ from shards import storage
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet")
 DEFAULT_PATH_COLUMNS = ("path", "url")
 _BATCH_ROWS = 4096  # parquet rows decoded at a time: small next to any row group, large enough to amortise calls
+_HEAD_BYTES = 1 << 16  # largest request of the checks before a build (they start at 4 KiB): not a read-ahead block
 
 
 class TableError(ValueError):
@@ -50,13 +51,29 @@ def is_table(path: str) -> bool:
     return path.lower().endswith(TABLE_SUFFIXES)
 
 
+def first_lines(path: str, count: int) -> list[bytes]:
+    """The first ``count`` complete lines of a file (fewer when it ends first), read 4, 8, ... 64 KiB at a time.
+
+    The checks before a build use this, not ``readline``: on a remote file, fsspec's readline fetches a whole
+    block (8 to 50 MiB) per call, and every part of a build runs the checks.
+    """
+    data, ended, step = b"", False, 4096
+    with storage.open_file(path) as fh:
+        while data.count(b"\n") < count and not ended:
+            chunk = fh.read(step)
+            ended, step = not chunk, min(2 * step, _HEAD_BYTES)
+            data += chunk
+    lines = [line + b"\n" for line in data.split(b"\n")]
+    lines[-1] = lines[-1][:-1]  # the text after the last newline: a line only at the end of the file
+    return [line for line in lines[:count] if line.endswith(b"\n") or (ended and line)]
+
+
 def columns(path: str) -> list[str]:
     """The column names of the table at ``path`` (its header row or parquet schema)."""
     if path.lower().endswith(".parquet"):
-        with _parquet(path) as table:
+        with _parquet(path, small=True) as table:
             return list(table.schema_arrow.names)
-    with storage.open_file(path) as fh:
-        return _header(fh.readline(), path)
+    return _csv_header(path)[0]
 
 
 def path_column(path: str, wanted: str = "") -> str:
@@ -75,9 +92,19 @@ def path_column(path: str, wanted: str = "") -> str:
 
 
 def first_path(path: str, column: str) -> Any:
-    """The path cell of the first row (None for a table without rows): checked before a build starts."""
-    with contextlib.closing(iter_rows(path, column)) as rows:
-        return next((row.path for row in rows if not row.error), None)
+    """The path cell of the first row among the first few (None if there is none): checked before a build starts."""
+    if path.lower().endswith(".parquet"):
+        with _parquet(path, small=True) as table:
+            if not table.metadata.num_rows:
+                return None
+            batch = next(table.iter_batches(batch_size=1, row_groups=[0], columns=[column]))
+            return batch.column(0)[0].as_py()
+    text = b"".join(first_lines(path, 16)).decode("utf-8", "surrogateescape").removeprefix("\ufeff")
+    try:
+        names, *rows = csv.reader(text.splitlines(keepends=True), delimiter=_delimiter(path))
+    except (csv.Error, ValueError):  # a row cut short by the read, or nothing at all
+        return None
+    return next((row[names.index(column)] for row in rows if len(row) == len(names)), None)
 
 
 def iter_rows(path: str, column: str, part: tuple[int, int] | None = None) -> Iterator[Row]:
@@ -87,12 +114,14 @@ def iter_rows(path: str, column: str, part: tuple[int, int] | None = None) -> It
     return _csv_rows(path, column, part or (0, 1))
 
 
-def _header(raw: bytes, path: str) -> list[str]:
+def _csv_header(path: str) -> tuple[list[str], int]:
+    """The column names of a CSV / TSV and the byte offset where its rows start."""
+    raw = next(iter(first_lines(path, 1)), b"")
     text = raw.decode("utf-8", "surrogateescape").removeprefix("\ufeff")  # spreadsheets start with a BOM
     names = next(csv.reader([text], delimiter=_delimiter(path)), [])
     if not names:
         raise TableError(f"table {path} has no header row (the first line names the columns)")
-    return names
+    return names, len(raw)
 
 
 def _delimiter(path: str) -> str:
@@ -101,16 +130,14 @@ def _delimiter(path: str) -> str:
 
 def _csv_rows(path: str, column: str, part: tuple[int, int]) -> Iterator[Row]:
     i, n = part
+    names, body = _csv_header(path)
+    size = storage.size(path)
+    start, stop = body + i * (size - body) // n, body + (i + 1) * (size - body) // n
     with storage.open_file(path, readahead=storage.READAHEAD) as fh:
-        names = _header(fh.readline(), path)
-        at = body = fh.tell()
-        size = storage.size(path)
-        start, stop = body + i * (size - body) // n, body + (i + 1) * (size - body) // n
-        if start > body:
-            fh.seek(start - 1)
-            if fh.read(1) != b"\n":
-                fh.readline()  # the row in progress belongs to the part in whose range it starts
-            at = fh.tell()
+        fh.seek(start - 1)
+        if fh.read(1) != b"\n":
+            fh.readline()  # the row in progress belongs to the part in whose range it starts
+        at = fh.tell()
         consumed = [at]
 
         def lines() -> Iterator[str]:
@@ -138,7 +165,8 @@ def _csv_rows(path: str, column: str, part: tuple[int, int]) -> Iterator[Row]:
 
 
 @contextlib.contextmanager
-def _parquet(path: str) -> Iterator[Any]:
+def _parquet(path: str, small: bool = False) -> Iterator[Any]:
+    """The table as a ``pyarrow.parquet.ParquetFile``; ``small``: exact reads for a check (footer, first rows)."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -146,9 +174,11 @@ def _parquet(path: str) -> Iterator[Any]:
     with contextlib.ExitStack() as stack:
         source: Any = path
         if storage.is_url(path):
-            source = _ArrowFile(stack.enter_context(storage.open_file(path, readahead=storage.READAHEAD)))
+            readahead = 0 if small else storage.READAHEAD
+            source = _ArrowFile(stack.enter_context(storage.open_file(path, readahead=readahead)))
         try:
-            table = stack.enter_context(pq.ParquetFile(source))
+            reads = {"pre_buffer": False, "buffer_size": _HEAD_BYTES} if small else {}
+            table = stack.enter_context(pq.ParquetFile(source, **reads))
         except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
             raise TableError(f"table {path} is not a readable parquet file: {str(exc).splitlines()[0]}") from None
         yield table

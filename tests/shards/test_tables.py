@@ -133,6 +133,15 @@ def test_parquet_is_read_one_row_group_at_a_time(tmp_path):
     assert count == rows and 0 < peak < size / 5
 
 
+@pytest.mark.parametrize("content, count, expected", [
+    (b"a\nb\nc", 2, [b"a\n", b"b\n"]), (b"a\nb\nc", 5, [b"a\n", b"b\n", b"c"]), (b"", 1, []),
+    (b"x" * 70_000 + b"\ny\n", 1, [b"x" * 70_000 + b"\n"]),  # longer than one request
+])
+def test_first_lines(content, count, expected, tmp_path):
+    (tmp_path / "f.txt").write_bytes(content)
+    assert tables.first_lines(str(tmp_path / "f.txt"), count) == expected
+
+
 def test_csv_parts_read_only_their_byte_range(tmp_path):
     table = _write_csv(tmp_path / "big.csv", {"path": [f"d/{i:06d}.jpg" for i in range(20_000)],
                                               "caption": [f"caption {i}" for i in range(20_000)]})
