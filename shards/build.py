@@ -35,7 +35,14 @@ import PIL
 from PIL import Image
 
 from shards import storage
-from shards.convert import ConvertOptions, Rejected, configure_pillow, convert_image
+from shards.convert import (
+    ConvertOptions,
+    Rejected,
+    configure_pillow,
+    conversion_path,
+    convert_image,
+    set_opencv_threads,
+)
 from shards.digests import DigestSet, decode_digests, encode_digests
 from shards.groups import (
     GroupWriter,
@@ -109,7 +116,9 @@ class BuildOptions:
     def output_options(self) -> dict[str, Any]:
         """The options that determine the shard bytes (recorded in stats and manifest, checked on resume)."""
         skip = {"workers", "part", "progress"}
-        return {k: v for k, v in asdict(self).items() if k not in skip}
+        # Which code converted the JPEGs changes their pixels and hashes, so a resume or merge must not mix paths.
+        return {**{k: v for k, v in asdict(self).items() if k not in skip},
+                "conversion": conversion_path(self.convert_options())}
 
     def validate(self) -> None:
         if not self.prefix or any(c in self.prefix for c in "/.{} "):
@@ -327,6 +336,7 @@ def _init_worker(job: _Job) -> None:
     global _JOB
     _JOB = job
     configure_pillow(job.convert)
+    set_opencv_threads(1)  # one worker process per core already
 
 
 def _results(tasks: Iterator[list[tuple[int, Source]]], workers: int, job: _Job) -> Iterator[list[tuple]]:
@@ -398,10 +408,13 @@ def _pillow_guards(convert: ConvertOptions):
     saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
     with warnings.catch_warnings():
         configure_pillow(convert)
+        threads = set_opencv_threads(1)  # workers=1 means one core
         try:
             yield
         finally:
             Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
+            if threads:
+                set_opencv_threads(threads)
 
 
 class _Progress:

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from shards.build import BuildOptions, build_shards
+from shards.build import BuildError, BuildOptions, build_shards
+from shards.convert import ConvertOptions, conversion_path
 from shards.digests import DIGEST_SIZE, decode_digests
 from shards.manifest import ManifestError, read_manifest
 from shards.merge import find_duplicates, merge_manifests
@@ -97,6 +98,23 @@ def test_resume_rebuilds_torn_and_missing_groups_identically(corpus, whole, tmp_
     assert not list(out.glob(".*partial"))
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("train-00000[0-2].tar")} == before  # skipped, not redone
 
+
+
+def test_the_jpeg_conversion_path_is_recorded_and_never_mixed_on_resume(corpus, whole, tmp_path, monkeypatch):
+    """Stats and manifest say which code converted the JPEGs; a resume with the other path is refused, because its
+    pixels (and so the duplicate hashes) would differ from the groups already written."""
+    import shards.convert
+
+    path = conversion_path(ConvertOptions())
+    assert read_manifest(whole).options["conversion"] == path
+    assert {s["options"]["conversion"] for s in _all_stats(whole)} == {path}
+    if path == "pillow":
+        return  # simplejpeg / OpenCV not installed: there is no other path to mix in
+    shutil.copytree(whole, tmp_path / "out")
+    monkeypatch.setattr(shards.convert, "fast_codecs", lambda: None)
+    with pytest.raises(BuildError, match="other options"):
+        build_shards([str(corpus)], tmp_path / "out", BuildOptions(samples_per_shard=PER_SHARD, workers=1,
+                                                                    progress=False))
 
 @pytest.mark.slow
 def test_resume_after_kill_is_byte_identical(corpus, whole, tmp_path):
