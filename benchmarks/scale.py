@@ -18,9 +18,9 @@ Three curves (``scale.json``; ``scale_dealing.png``, ``scale_loader.png`` and, w
   batch (``first_batch_s``: the first window's reader built and run); peak RSS includes the next window's reader
   prepared ahead.
 * **Sharder part memory vs input count**, when ``benchmarks/scale_shards.py`` exists. Its contract:
-  ``measure(out_dir: Path, quick: bool) -> dict`` returning ``{"rows": [{"name": str, "params": {"inputs": int,
-  ...}, "metrics": {"peak_rss_mib": float, ...}}, ...], "notes": [str, ...], "skipped": [{"name", "reason"}]}``
-  (``notes`` and ``skipped`` optional); its rows join this suite's in group ``sharder``.
+  ``measure(out_dir: Path, quick: bool) -> dict`` returning ``{"rows": [{"name": str, "params": {...}, "metrics":
+  {"peak_rss_mib": float, ...}}, ...], "notes": [str, ...], "skipped": [{"name", "reason"}]}`` (``notes`` and
+  ``skipped`` optional); its rows join this suite's in group ``sharder``, its ``plot_part_memory`` draws them.
 """
 
 from __future__ import annotations
@@ -51,6 +51,9 @@ COLUMNS = [
     Column("first_batch_s", "first window s", "{:,.2f}"),
     Column("peak_rss_mib", "peak RSS MiB", "{:,.0f}"),
     Column("loader_rss_mib", "RSS over imports MiB", "{:,.0f}"),
+    Column("part_rss_mib", "part RSS over warm-up MiB", "{:,.1f}"),  # sharder rows (benchmarks/scale_shards.py)
+    Column("bytes_per_image", "dedup B/image", "{:,.1f}"),
+    Column("us_per_image", "CPU µs/image", "{:,.2f}"),
 ]
 SAMPLES_PER_SHARD = 10_000  # the issue's billion-image corpus: 100k shards of 10k images
 TINY_SAMPLES = 100  # samples in the real shard linked for the loader curve: 100k links = 10M samples
@@ -306,18 +309,12 @@ def plot_curves(result: SuiteResult, out_dir: Path) -> list[Path]:
         written.append(out_dir / "scale_loader.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
-    sharder = [r for r in result.rows if r.group == "sharder" and "inputs" in r.params
-               and r.value("peak_rss_mib") is not None]
-    if sharder:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        pts = sorted((r.params["inputs"], r.value("peak_rss_mib")) for r in sharder)
-        ax.plot(*zip(*pts), "o-")
-        ax.set(xscale="log", xlabel="inputs in the list", ylabel="peak RSS MiB", title="Sharder part memory")
-        ax.set_ylim(bottom=0)
-        fig.tight_layout()
-        written.append(out_dir / "scale_shards.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+    sharder = [(r.params, r.metrics) for r in result.rows if r.group == "sharder"]
+    if sharder:  # the rows came from benchmarks/scale_shards.py, which knows their shape
+        from benchmarks.scale_shards import plot_part_memory
+
+        if plot_part_memory(sharder, out_dir / "scale_shards.png"):
+            written.append(out_dir / "scale_shards.png")
     return written
 
 

@@ -8,19 +8,27 @@ before the streaming parts (extracted with ``git archive`` from the parent of th
 ``shards/digests.py``) runs in a subprocess with that copy first on ``PYTHONPATH``. Without git history the
 before rows are counted skips.
 
-* **Part memory vs input list** (one subprocess per point, peak RSS from ``getrusage``): ``shards build --part
-  0/n`` on list files of 10k / 100k / 1M lines (quick: 10k / 100k) of paths that do not exist, n chosen so each
-  part holds ~10k inputs. A part only seeks to its byte range, so its peak RSS stays flat as the list grows;
-  the old build listed and sorted every line first (~218 B per input). Every input is still rejected by a real
-  worker (``unreadable``), so stats files are written as in a real build.
-* **Dedup bytes per image** (``tracemalloc`` peak over random 16-byte digests): the build's ``DigestSet`` fed
-  in the build's batches (1M digests; quick 100k) and the merge's per-slice scan over synthetic part stats
-  files with 1% planted cross-part duplicates (1M digests in 4 parts; quick 100k), against a Python set of
-  hex strings (what both used to hold). The merge row also checks that it finds exactly the planted duplicates.
+* **Part memory vs input list** (one fresh subprocess per point): ``shards build --part 0/n`` for n = 1, 10, 100 on
+  list files of 10k / 100k / 1M lines (quick: 10k / 100k) of paths that do not exist, for the code after and
+  before. A part only seeks to its byte range, so its memory follows the part, not the list; the old build listed
+  and sorted every line first (~218 B per input). Every input is still rejected by a real worker
+  (``unreadable``), so stats files are written as in a real build. Peak RSS is the point process's own high-water
+  mark (``VmHWM``, which starts afresh at exec), not ``getrusage``'s ``ru_maxrss``: a child starts with its
+  parent's ``ru_maxrss``, which made every point of an earlier run read the parent's 972 MiB. ``part_rss_mib`` is
+  that peak over the same process's peak after a one-input build (interpreter, the package and whatever a build
+  imports lazily, such as the image decoders): what the part's inputs cost.
+* **Dedup bytes per image** (``tracemalloc`` peak over random 16-byte digests, in a subprocess so that the hex
+  sets do not grow the suite's process): the build's ``DigestSet`` fed in the build's batches (1M digests; quick
+  100k) and the merge's per-slice scan over synthetic part stats files with 1% planted cross-part duplicates (1M
+  digests in 4 parts; quick 100k), against a Python set of hex strings (what both used to hold). The merge row
+  also checks that it finds exactly the planted duplicates. Issue 15's target: at most 20 B per image in both.
 * **Main-process CPU per image** of ``build_shards`` with instant workers (``_instant_workers_build``: 64 real
-  photos converted beforehand, 20k inputs, best of 2; quick 2k, once): the cap one build's main process puts on images/s,
-  whatever the worker count. Inter-process transfer of the results is not in it (it is for both codes the
-  same bytes: a JPEG and its metadata). Full runs also write a cProfile of the new main process.
+  photos converted beforehand, 20k inputs, best of 2; quick 2k, once): the cap one build's main process puts on
+  images/s, whatever the worker count. Inter-process transfer of the results is not in it (it is for both codes
+  the same bytes: a JPEG and its metadata). Full runs also write a cProfile of the new main process.
+
+The rows' metrics are named as the scale suite's table columns: ``peak_rss_mib``, ``part_rss_mib`` and ``build_s``
+(parts), ``bytes_per_image`` and ``us_per_image`` (dedup; main-process CPU in the main-process rows).
 """
 
 from __future__ import annotations
@@ -40,7 +48,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-PART_SIZE = 10_000  # inputs per part in the memory curve
+PART_COUNTS = (1, 10, 100)  # n of the measured part 0/n, for every list length
+DEDUP_TARGET_BYTES = 20.0  # issue 15: at most this many bytes per image for dedup, in the build and in the merge
 
 
 def measure(out_dir: Path, quick: bool) -> dict[str, Any]:
@@ -52,7 +61,9 @@ def measure(out_dir: Path, quick: bool) -> dict[str, Any]:
     if before is None:
         doc["notes"].append("no git history: the 'before' rows are skipped")
     _part_memory(doc, out_dir, before, (10_000, 100_000) if quick else (10_000, 100_000, 1_000_000))
-    _dedup(doc, out_dir, 100_000 if quick else 1_000_000)
+    dedup = _run_point("dedup", [str(out_dir), str(100_000 if quick else 1_000_000)])
+    doc["rows"] += dedup["rows"]
+    doc["notes"] += dedup["notes"]
     _main_process(doc, out_dir, before, 2000 if quick else 20_000, repeats=1 if quick else 2, profile=not quick)
     (out_dir / "scale_shards.json").write_text(json.dumps(doc, indent=1))
     return doc
@@ -95,13 +106,24 @@ def _point(kind: str, args: list[str]) -> None:
     """Subprocess side: one measurement, one JSON line on stdout."""
     from shards.build import BuildOptions, build_shards
 
-    import_rss = _peak_rss_mib()
     if kind == "part":
         list_path, out, i, n = args[0], args[1], int(args[2]), int(args[3])
+        # A one-input build first, so that what any build loads lazily (image decoders, ...) is in the baseline
+        # and the figure over it is what this part's inputs cost.
+        warm = Path(out).with_name(Path(out).name + "-warm-up")
+        warm.mkdir(parents=True, exist_ok=True)
+        (warm / "one.txt").write_text("/nonexistent/warm-up.jpg\n")
+        build_shards([str(warm / "one.txt")], str(warm / "out"), BuildOptions(workers=1, progress=False, part=(0, 1)))
+        shutil.rmtree(warm)
+        warm_rss = _peak_rss_mib()
         t0 = time.perf_counter()
         manifest = build_shards([list_path], out, BuildOptions(workers=1, progress=False, part=(i, n)))
-        print(json.dumps({"peak_rss_mib": _peak_rss_mib(), "import_rss_mib": import_rss,
+        print(json.dumps({"peak_rss_mib": _peak_rss_mib(), "warm_rss_mib": warm_rss, "rss_source": _RSS_SOURCE,
                           "seconds": time.perf_counter() - t0, "inputs": manifest.options["inputs"]}))
+    elif kind == "dedup":
+        doc: dict[str, Any] = {"rows": [], "notes": []}
+        _dedup(doc, Path(args[0]), int(args[1]))
+        print(json.dumps(doc))
     elif kind == "loop":
         photos_dir, list_path, out, profile = args[0], args[1], args[2], args[3]
         seconds, inputs = _instant_workers_build(photos_dir, list_path, out, profile)
@@ -165,43 +187,76 @@ def _instant_workers_build(photos_dir: str, list_path: str, out: str, profile: s
 
 
 def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's peak resident size in MiB: ``VmHWM``, the high-water mark of its own address space since exec.
+
+    Not ``getrusage``'s ``ru_maxrss`` where /proc exists: Linux starts a child's ``ru_maxrss`` at its parent's
+    (it is kept across fork and exec), so a point run from a large parent would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+
+
+_RSS_SOURCE = "VmHWM" if os.path.isfile("/proc/self/status") else "ru_maxrss (may include the parent's peak)"
 
 
 # ----------------------------------------------------------------------------- part memory vs list size
 
 
 def _part_memory(doc: dict[str, Any], work: Path, before: Path | None, sizes: tuple[int, ...]) -> None:
+    """Rows ``part 0/n of an N-line list (after|before)``: peak RSS and build time of each part in its own process."""
     for n_lines in sizes:
         lst = work / f"paths-{n_lines}.txt"
         if not lst.is_file():
             with open(lst, "w") as fh:  # ~40 bytes a line, like real corpus paths
                 for k in range(n_lines):
                     fh.write(f"/nonexistent/corpus/{k % 997:03d}/img_{k:09d}.jpg\n")
-        parts = max(1, n_lines // PART_SIZE)
-        for label, tree in (("after", None), ("before", before)):
-            name = f"part 0/{parts} of a {n_lines:,}-line list ({label})"
-            if label == "before" and tree is None:
-                doc["skipped"].append({"name": name, "reason": "no git history for the old code"})
-                continue
-            out = work / f"part-{label}-{n_lines}"
-            shutil.rmtree(out, ignore_errors=True)
-            try:
-                got = _run_point("part", [str(lst), str(out), "0", str(parts)], tree)
-            except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                doc["skipped"].append({"name": name, "reason": str(exc)[:200]})
-                continue
-            finally:
+        for parts in PART_COUNTS:
+            for label, tree in (("after", None), ("before", before)):
+                name = f"part 0/{parts} of a {n_lines:,}-line list ({label})"
+                if label == "before" and tree is None:
+                    doc["skipped"].append({"name": name, "reason": "no git history for the old code"})
+                    continue
+                out = work / f"part-{label}-{n_lines}-{parts}"
                 shutil.rmtree(out, ignore_errors=True)
-            params = {"inputs" if label == "after" else "list_inputs": n_lines, "parts": parts,
-                      "part_inputs": got["inputs"], "code": label}
-            doc["rows"].append({"name": name, "params": params,
-                                "metrics": {"peak_rss_mib": round(got["peak_rss_mib"], 1),
-                                            "rss_over_imports_mib": round(max(got["peak_rss_mib"]
-                                                                              - got["import_rss_mib"], 0.1), 1),
-                                            "seconds": round(got["seconds"], 3)}})
-    doc["notes"].append(f"part memory: each part holds ~{PART_SIZE:,} inputs; 'inputs' is the list's length "
-                        "(rows named 'before' use 'list_inputs' so the curve plots the new code only)")
+                try:
+                    got = _run_point("part", [str(lst), str(out), "0", str(parts)], tree)
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    doc["skipped"].append({"name": name, "reason": str(exc)[:200]})
+                    continue
+                finally:
+                    shutil.rmtree(out, ignore_errors=True)
+                params = {"list_inputs": n_lines, "parts": parts, "part_inputs": got["inputs"], "code": label,
+                          "rss_source": got["rss_source"]}
+                doc["rows"].append({"name": name, "params": params, "metrics": {
+                    "peak_rss_mib": round(got["peak_rss_mib"], 1),
+                    "part_rss_mib": round(max(got["peak_rss_mib"] - got["warm_rss_mib"], 0.1), 1),
+                    "build_s": round(got["seconds"], 3)}})
+    doc["notes"] += _part_memory_notes(doc["rows"])
+
+
+def _part_memory_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """Issue 15's target in words: a part's memory follows the part, not the list (peak RSS over the warm-up)."""
+    over = {(r["params"]["code"], r["params"]["list_inputs"], r["params"]["parts"]): r["metrics"]["part_rss_mib"]
+            for r in rows if "list_inputs" in r["params"]}
+    lists = sorted({n for _, n, _ in over})
+    if not lists:
+        return []
+    small, large = lists[0], lists[-1]
+    notes = []
+    for code in ("after", "before"):
+        same_part = [f"{n:,} lines {over[code, n, n // small]:.1f}" for n in lists if (code, n, n // small) in over]
+        in_large = [f"part 0/{n} ({large // n:,} inputs) {over[code, large, n]:.1f}" for n in PART_COUNTS
+                    if (code, large, n) in over]
+        if same_part:
+            notes.append(f"part memory ({code}), peak RSS over a one-input build's, MiB: a part of {small:,} inputs "
+                         "in a list of " + ", ".join(same_part) + f"; the {large:,}-line list: " + ", ".join(in_large))
+    return notes
 
 
 # ----------------------------------------------------------------------------- dedup bytes per image
@@ -311,6 +366,12 @@ def _dedup(doc: dict[str, Any], work: Path, count: int) -> None:
                         "metrics": {"bytes_per_image": round(peak / total, 2),
                                     "us_per_image": round(seconds / total * 1e6, 3)}})
     shutil.rmtree(root, ignore_errors=True)
+    per_image = {r["name"]: r["metrics"]["bytes_per_image"] for r in doc["rows"] if r["params"].get("code") == "after"}
+    worst = max(v for k, v in per_image.items() if k.startswith("dedup"))
+    doc["notes"].append(f"dedup of {count:,} digests, issue 15's target of <= {DEDUP_TARGET_BYTES:.0f} B/image "
+                        f"{'met' if worst <= DEDUP_TARGET_BYTES else 'MISSED'}: "
+                        + ", ".join(f"{k.removeprefix('dedup in ')} {v:.1f}" for k, v in per_image.items())
+                        + " (a slice's process holds only its slice's digests: its B/image is per image of the whole)")
 
 
 # ----------------------------------------------------------------------------- main-process cost per image
@@ -349,7 +410,7 @@ def _main_process(doc: dict[str, Any], work: Path, before: Path | None, inputs: 
             continue
         best = min(per_image)
         doc["rows"].append({"name": name, "params": {"images": inputs, "code": label},
-                            "metrics": {"main_cpu_us_per_image": round(best * 1e6, 2),
+                            "metrics": {"us_per_image": round(best * 1e6, 2),  # main-process CPU
                                         "main_images_per_s": round(1 / best, 1)}})
     if results["after"] and results["before"]:
         doc["notes"].append(f"main process: {min(results['before']) / min(results['after']):.1f}x less CPU per image "
@@ -363,12 +424,58 @@ def _main_process(doc: dict[str, Any], work: Path, before: Path | None, inputs: 
             shutil.rmtree(out, ignore_errors=True)
 
 
+# ----------------------------------------------------------------------------- the curve
+
+
+def plot_part_memory(points: list[tuple[dict[str, Any], dict[str, Any]]], path: Path) -> Path | None:
+    """Draw the part rows' peak RSS (``points``: their ``(params, metrics)``) into ``path``; None without matplotlib
+    or part rows.
+
+    Left: against the list's length, one line per code and part count n of ``part 0/n`` (after: flat when n grows
+    with the list, so the part keeps its size). Right: against the inputs in the part, one line per list length
+    (after: the lines coincide when the memory follows the part alone).
+    """
+    parts = [(p, m) for p, m in points if "list_inputs" in p and m.get("peak_rss_mib") is not None]
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    if not parts:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_list, by_part) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for code in ("after", "before"):
+        style = "o-" if code == "after" else "s--"
+        for n in sorted({p["parts"] for p, _ in parts if p["code"] == code}):
+            pts = sorted((p["list_inputs"], m["peak_rss_mib"]) for p, m in parts
+                         if p["code"] == code and p["parts"] == n)
+            by_list.plot(*zip(*pts), style, label=f"{code}: part 0/{n}")
+        for lines in sorted({p["list_inputs"] for p, _ in parts if p["code"] == code}):
+            pts = sorted((p["part_inputs"], m["peak_rss_mib"]) for p, m in parts
+                         if p["code"] == code and p["list_inputs"] == lines)
+            by_part.plot(*zip(*pts), style, label=f"{code}: {lines:,}-line list")
+    by_list.set(xscale="log", xlabel="lines in the input list", ylabel="peak RSS MiB (the part's process)",
+                title="shards build --part 0/n: memory vs list length")
+    by_part.set(xscale="log", xlabel="inputs in the part", ylabel="peak RSS MiB (the part's process)",
+                title="... vs inputs in the part")
+    for ax in (by_list, by_part):
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scale_shards", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="work and output directory (scale_shards.json)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (~1-2 min on 2 cores)")
     args = parser.parse_args(argv)
     doc = measure(Path(args.out), args.quick)
+    plot_part_memory([(r["params"], r["metrics"]) for r in doc["rows"]], Path(args.out) / "scale_shards.png")
     for row in doc["rows"]:
         print(f"{row['name']:<62} {json.dumps(row['metrics'])}")
     for item in doc["skipped"]:
