@@ -1,4 +1,5 @@
-"""Shards suite: ingest images/s per core of the real shards builder against a naive PIL loop, same images.
+"""Shards suite: ingest images/s per core of the real shards builder against a naive PIL loop, same images, and
+per-image conversion on ~500x375 and 2000x1500 photos with its PSNR (benchmarks/shards_convert.py).
 
 The corpus is real photos in mixed formats (JPEG, PNG, WebP, greyscale; benchmarks/data.py). Both sides produce
 the same shard-ready output: 8-bit RGB, shorter side at most 256, JPEG quality 90.
@@ -29,6 +30,7 @@ from PIL import Image
 from benchmarks.context import Context
 from benchmarks.data import bench_corpus
 from benchmarks.report import Column, SuiteResult
+from benchmarks.shards_convert import add_conversion_rows
 from benchmarks.timing import Stats
 from shards.sources import IMAGE_SUFFIXES
 
@@ -37,6 +39,7 @@ COLUMNS = [
     Column("images_per_s", "images/s", "{:,.1f}"),
     Column("images_per_s_per_core", "images/s per core", "{:,.1f}"),
     Column("workers", "workers", "{:d}"),
+    Column("psnr_db", "PSNR dB vs Lanczos", "{:.1f}"),
 ]
 SHORT_SIDE, QUALITY = 256, 90
 
@@ -115,10 +118,16 @@ def run(ctx: Context) -> SuiteResult:
         result.compare(f"builder on {cores} cores vs naive PIL loop (total images/s)", f"shards build workers={cores}",
                        "naive PIL loop", "images_per_s")
     shutil.rmtree(scratch, ignore_errors=True)
+    add_conversion_rows(result, ctx, SHORT_SIDE, QUALITY)
     if n < 256:
         result.markdown_extra = (
             f"{n} images are about a second of work, so the builder's fixed costs set its figure: listing the inputs, "
             "writing tar, index and manifest, and with more than one worker starting its spawned process pool. Per "
             "image it also validates, fixes EXIF orientation and hashes the pixels, which the naive loop does not. "
             "The full suite times 512 images, where those fixed costs weigh less.")
+    result.markdown_extra = "\n\n".join(filter(None, [result.markdown_extra, (
+        "The rows with a size time `convert_image` alone (what a build worker does per image) on JPEG bytes in "
+        "memory, one process on one thread, against the naive loop in alternating rounds; their PSNR compares each "
+        "output with a full decode resized by Lanczos and saved at the same JPEG quality (median, min-max over the "
+        "images).")]))
     return result
