@@ -16,6 +16,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -28,6 +29,9 @@ from shards import storage
 from shards.check import ShardCheck, check_shard
 from shards.manifest import Manifest, ManifestError, ShardEntry, read_manifest
 from shards.writer import read_index
+
+DALI_GROUP_SHARDS = 256  # shards per DALI reader in the DALI pass (a reader keeps each of its tars open)
+DALI_GROUP_BYTES = 2 << 30  # in object storage: local copies kept for one DALI group (at least one shard)
 
 
 @dataclass
@@ -49,7 +53,9 @@ def verify_shards(path: str | os.PathLike, dali: bool = True, max_errors: int = 
 
     In object storage (``s3://bucket/shards``) the manifest's files are found with one listing, and each shard's
     tar and index are streamed to a scratch folder (the next shard's while this one is checked) and checked
-    there exactly as local files are, then deleted: one GET per file, one shard's worth of local disk.
+    there exactly as local files are, then deleted: one GET per file. The DALI pass reads a group of checked
+    shards at a time (``DALI_GROUP_SHARDS``; one reader over all of them would hold every tar open), in object
+    storage their local copies (at most ``DALI_GROUP_BYTES`` of them, and never by DALI's one GET per sample).
 
     Args:
         path: the manifest or its directory.
@@ -66,6 +72,17 @@ def verify_shards(path: str | os.PathLike, dali: bool = True, max_errors: int = 
         report.errors.append(str(exc))
         return report
     num_classes = len(manifest.classes) if manifest.classes else 0
+    remote = storage.is_url(manifest.root)
+    group: list[tuple[ShardEntry, Path, Path]] = []  # checked shards waiting for the DALI pass
+
+    def finish(shards: list[tuple[ShardEntry, Path, Path]]) -> None:
+        if dali and shards and not report.errors:
+            _dali_pass(manifest, shards, report)
+        if remote:  # the local copies are done with
+            for _shard, tar_path, _idx_path in shards:
+                shutil.rmtree(tar_path.parent, ignore_errors=True)
+        shards.clear()
+
     with tempfile.TemporaryDirectory(prefix="moco-verify-") as scratch, \
             contextlib.closing(_shard_files(manifest, Path(scratch))) as shards:  # closed (fetch done) before rmtree
         for shard, tar_path, idx_path, missing in shards:
@@ -74,18 +91,31 @@ def verify_shards(path: str | os.PathLike, dali: bool = True, max_errors: int = 
                 report.errors.extend(missing)
                 continue
             report.errors.extend(_check_one_shard(shard, tar_path, idx_path, num_classes, report))
-            if storage.is_url(manifest.root):
-                tar_path.unlink(missing_ok=True)
-                idx_path.unlink(missing_ok=True)
+            group.append((shard, tar_path, idx_path))
+            if report.errors or len(group) >= DALI_GROUP_SHARDS or (
+                    remote and sum(s.bytes for s, _t, _i in group) >= DALI_GROUP_BYTES):
+                finish(group)
             if len(report.errors) >= max_errors:
                 return report
-    if dali and not report.errors:
-        report.dali_samples, problem = dali_read_all(manifest)
-        if problem:
-            report.errors.append(problem)
-        elif report.dali_samples != manifest.total_samples:
-            report.errors.append(f"DALI read {report.dali_samples} samples, the manifest lists {manifest.total_samples}")
+        finish(group)
     return report
+
+
+def _dali_pass(manifest: Manifest, group: list[tuple[ShardEntry, Path, Path]], report: VerifyReport) -> None:
+    """Read the shards of ``group`` (checked, at local paths) with DALI; count its samples into ``report``."""
+    read, problem = dali_read([str(t) for _s, t, _i in group], [str(i) for _s, _t, i in group])
+    report.dali_samples += read
+    if storage.is_url(manifest.root):  # name the shards by their URLs, not by the local copies DALI read
+        for shard, tar_path, idx_path in group:
+            problem = problem.replace(str(tar_path), str(manifest.tar_path(shard)))
+            problem = problem.replace(str(idx_path), str(manifest.index_url(shard)))
+    expected = sum(shard.samples for shard, _t, _i in group)
+    if problem:
+        report.errors.append(problem)
+    elif read != expected:
+        first, last = storage.name(group[0][1]), storage.name(group[-1][1])
+        where = first if first == last else f"{first} .. {last}"
+        report.errors.append(f"DALI read {read} samples of {where}, the manifest lists {expected}")
 
 
 def _shard_files(manifest: Manifest, scratch: Path) -> Iterator[tuple[ShardEntry, Path, Path, list[str]]]:
@@ -103,7 +133,7 @@ def _shard_files(manifest: Manifest, scratch: Path) -> Iterator[tuple[ShardEntry
         missing = [p for p in (tar, idx) if not (p in present if remote else Path(p).is_file())]
         if not remote or missing:
             return shard, Path(tar), Path(idx), [f"{storage.name(p)}: missing {kinds[p]}" for p in missing]
-        folder = scratch / str(k % 2)  # two slots: the shard being checked and the one being fetched
+        folder = scratch / str(k)  # removed by the caller once the shard's checks and DALI pass are done
         folder.mkdir(exist_ok=True)
         try:
             return shard, *(storage.download(p, folder / storage.name(p)) for p in (tar, idx)), []
@@ -197,16 +227,14 @@ def _check_sample(fh, files: tuple[tuple[str, int, int, str], ...], num_classes:
     return ""
 
 
-def dali_read_all(manifest: Manifest, batch_size: int = 16, num_threads: int = 2) -> tuple[int, str]:
-    """Read every sample with DALI's webdataset reader (written index files) and CPU JPEG decoder.
+def dali_read(tars: list[str], idxs: list[str], batch_size: int = 16, num_threads: int = 2) -> tuple[int, str]:
+    """Read every sample of the shards ``tars`` with DALI's webdataset reader (their written index files
+    ``idxs``) and CPU JPEG decoder.
 
     Returns:
         (samples decoded whose shape matches their JSON, error message or '').
     """
     from nvidia.dali import fn, pipeline_def, types
-
-    tars = [str(manifest.tar_path(s)) for s in manifest.shards]
-    idxs = [str(manifest.index_path(s)) for s in manifest.shards]
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=None, prefetch_queue_depth=1)
     def read_pipe():

@@ -96,17 +96,23 @@ def test_sizes_kept_from_a_listing_cost_no_request(s3_env):
 
 
 # ---------------------------------------------------------------------------------------------- verify, stats
-def test_verify_and_stats_of_a_good_set_in_object_storage(s3_env, local_shards, capsys):
+def test_verify_and_stats_of_a_good_set_in_object_storage(s3_env, local_shards, capsys, monkeypatch):
+    pytest.importorskip("nvidia.dali")
+    from shards import verify
     from shards.__main__ import main
 
     url = "s3://data/verify-good"
     _upload(local_shards, url)
+    monkeypatch.setattr(verify, "DALI_GROUP_SHARDS", 4)  # DALI passes over shards 0-3, then 4-5
     with s3_env.recording() as requests:
-        report = verify_shards(url, dali=False)
+        report = verify_shards(url)
         gets = _get_counts(requests())
-    assert report.ok and (report.shards, report.samples) == (6, 48), report.errors
+    assert report.ok and (report.shards, report.samples, report.dali_samples) == (6, 48, 48), report.errors
     files = [p.name for p in local_shards.iterdir() if p.suffix in (".tar", ".idx")]
-    assert {f"/data/verify-good/{n}": 1 for n in files}.items() <= gets.items()  # each tar and index: one GET
+    # Each tar and index: one GET, the DALI pass included (it reads the local copies, not a GET per sample).
+    assert {path: n for path, n in gets.items() if path.endswith((".tar", ".idx"))} == {
+        f"/data/verify-good/{n}": 1 for n in files}
+    assert verify_shards(local_shards).dali_samples == 48  # locally in groups too
 
     assert format_summary(summarize(url)) == format_summary(summarize(local_shards))
     capsys.readouterr()
