@@ -320,6 +320,8 @@ def has_files(prefix: str | os.PathLike) -> bool:
     if not is_url(prefix):
         return Path(prefix).is_dir() and any(Path(prefix).iterdir())
     fs, key = filesystem(prefix)
+    if hasattr(fs, "call_s3"):  # one key asked for: s3fs's ls would list every page of a flat prefix first
+        return next(list_files(prefix, page_size=1), None) is not None
     with _errors(prefix):
         try:
             return bool(fs.ls(key.rstrip("/"), detail=False, refresh=True))

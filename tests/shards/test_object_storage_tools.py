@@ -66,6 +66,11 @@ def test_a_prefix_is_listed_one_page_at_a_time_completely_and_in_key_order(s3_en
     assert [first, *rest] == expected
     assert len(pages) == math.ceil(len(NAMES) / 3) and all("max-keys=3" in p for p in pages)
 
+    with s3_env.recording() as requests:  # is anything there? one key asked for, not the prefix's every page
+        assert storage.has_files("s3://data/listing") and not storage.has_files("s3://data/listing-none")
+        assert [p for _m, p, _r in requests()] == [
+            f"/data?list-type=2&prefix={name}%2F&max-keys=1&encoding-type=url" for name in ("listing", "listing-none")]
+
 
 def test_a_local_folder_and_an_fsspec_store_are_walked_lazily_in_the_same_orders(tmp_path):
     from fsspec.implementations.memory import MemoryFileSystem
