@@ -3,7 +3,7 @@
     python -m benchmarks run --suite scale --out results/            # full: 10k / 100k / 1M shards, W 8 to 4,096
     python -m benchmarks run --suite scale --quick --out results/q   # < 1 min on 2 CPU cores
 
-Three curves (``scale.json``; ``scale_dealing.png``, ``scale_loader.png`` and, when measured, ``scale_shards.png``):
+Four curves (``scale.json``; ``scale_dealing.png``, ``scale_loader.png`` and, when measured, ``scale_shards.png``):
 
 * **Dealing time vs world size** (``pipeline.assignment.ShardPlan``) on fabricated manifests (sample counts only:
   dealing reads no tar) of 10k, 100k and 1M shards of 10,000 samples (the last one short), W from 8 to 4,096:
@@ -14,9 +14,17 @@ Three curves (``scale.json``; ``scale_dealing.png``, ``scale_loader.png`` and, w
   10M samples at 100k), with real DALI CPU pipelines over one small real shard hard-linked once per manifest
   entry (its index file too), one subprocess per point (benchmarks/scale_worker.py), windowed
   (``data.window_shards``) against one reader over the rank's whole share (the structure before windows).
-  ``build_s`` runs from constructing the loader (manifest, shard checks, dealing: ``construct_s``) to its first
-  batch (``first_batch_s``: the first window's reader built and run); peak RSS includes the next window's reader
-  prepared ahead.
+  ``build_s`` runs from constructing the loader (manifest, the first window's shard checks, dealing:
+  ``construct_s``) to its first batch (``first_batch_s``: the first window's reader built and run); peak RSS
+  includes the next window's reader prepared ahead. Two ways: the manifest holds exactly the rank's share
+  (1k / 10k / 100k shards, so the manifest grows with it: group ``loader``), and one 100k-shard manifest dealt to
+  W = 100 / 10 / 1 ranks (the share alone grows: group ``loader_fixed``). The issue's bar, build time and peak RSS
+  within +-20% across the shares, is checked on both as max / min <= 1.2 (``extra``, ``notes``). Each point is the
+  median (min-max) of ``loader_repeats`` processes: the machine is shared.
+* **Manifest read time vs manifest size** (10k, 100k, 1M entries, fabricated: no files): ``read_manifest``
+  without the file check, in a process that imported torch and DALI as training does; the O(manifest) part of
+  every rank's start-up (it deals from the whole list). The loader rows add ``manifest_s``: the read with the
+  check that every file exists (one directory listing).
 * **Sharder part memory vs input count**, when ``benchmarks/scale_shards.py`` exists. Its contract:
   ``measure(out_dir: Path, quick: bool) -> dict`` returning ``{"rows": [{"name": str, "params": {...}, "metrics":
   {"peak_rss_mib": float, ...}}, ...], "notes": [str, ...], "skipped": [{"name", "reason"}]}`` (``notes`` and
@@ -48,9 +56,13 @@ COLUMNS = [
     Column("deal_s", "dealing s/rank", "{:,.4f}"),
     Column("pass_s", "per pass s", "{:,.4f}"),
     Column("build_s", "build s", "{:,.2f}"),
+    Column("build_cpu_s", "build CPU s", "{:,.2f}"),
     Column("first_batch_s", "first window s", "{:,.2f}"),
     Column("peak_rss_mib", "peak RSS MiB", "{:,.0f}"),
     Column("loader_rss_mib", "RSS over imports MiB", "{:,.0f}"),
+    Column("construct_s", "construct s", "{:,.2f}"),
+    Column("manifest_s", "manifest read s", "{:,.2f}"),
+    Column("manifest_parse_s", "manifest parse s", "{:,.3f}"),
     Column("part_rss_mib", "part RSS over warm-up MiB", "{:,.1f}"),  # sharder rows (benchmarks/scale_shards.py)
     Column("bytes_per_image", "dedup B/image", "{:,.1f}"),
     Column("us_per_image", "CPU µs/image", "{:,.2f}"),
@@ -186,10 +198,27 @@ def linked_shards(work: Path, shards: int) -> Path:
     return out
 
 
-def run_worker(shard_dir: Path, window_shards: int, out: Path, timeout: float) -> dict:
+def fabricated_manifest(work: Path, entries: int) -> Path:
+    """A shard directory holding only a manifest of ``entries`` shards (their files do not exist): parse timing."""
+    out = work / "scale" / f"manifest-{entries}"
+    if (out / "manifest.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    shards = [{"tar": f"train-{i:07d}.tar", "index": f"train-{i:07d}.idx", "samples": SAMPLES_PER_SHARD,
+               "bytes": 1_100_000_000, "max_sample_bytes": 300_000, "stats": ""} for i in range(entries)]
+    doc = {"version": 1, "prefix": "train", "total_samples": entries * SAMPLES_PER_SHARD,
+           "total_bytes": entries * 1_100_000_000, "pattern": f"train-{{0000000..{entries - 1:07d}}}.tar",
+           "shards": shards, "options": {}, "classes": None}
+    from shards.manifest import write_json_atomic
+
+    write_json_atomic(out / "manifest.json", doc)  # as write_manifest writes it (indent 1)
+    return out
+
+
+def run_worker(shard_dir: Path, window_shards: int, out: Path, timeout: float, *extra: str) -> dict:
     """One loader point in a fresh process; its JSON (``ok`` False with the error when the loader failed)."""
     cmd = [sys.executable, "-m", "benchmarks.scale_worker", "--shards-dir", str(shard_dir),
-           "--window-shards", str(window_shards), "--out", str(out)]
+           "--window-shards", str(window_shards), "--out", str(out), *extra]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     out.unlink(missing_ok=True)
@@ -203,40 +232,97 @@ def run_worker(shard_dir: Path, window_shards: int, out: Path, timeout: float) -
     return json.loads(out.read_text())
 
 
+_POINT_METRICS = ("build_s", "build_cpu_s", "construct_s", "first_batch_s", "peak_rss_mib", "import_rss_mib", "state_dict_s",
+                  "manifest_s", "manifest_parse_s")
+
+
+def _add_point(result: SuiteResult, name: str, group: str, params: dict, points: list[dict]) -> bool:
+    """One row from repeated worker runs (median, min-max of each metric); a skip when any run failed."""
+    failed = [p for p in points if not p["ok"]]
+    if failed:
+        result.skip(name, f"failed: {failed[0]['error']}")
+        return False
+    first = points[0]
+    metrics = {m: Stats.of([p[m] for p in points]) for m in _POINT_METRICS if m in first}
+    metrics["loader_rss_mib"] = Stats.of([max(p["peak_rss_mib"] - p["import_rss_mib"], 1e-3) for p in points])
+    result.add(name, group, {**params, "shards_per_rank": first["rank_shards"], "samples_per_rank": first["samples"],
+                             "manifest_shards": first["shards"], "world_size": first["world_size"],
+                             "windows_per_pass": first["windows_per_pass"],
+                             "batches_per_pass": first["batches_per_pass"], "reader_shards": first["window_shards"]},
+               **metrics)
+    return True
+
+
+def flat_check(result: SuiteResult, group: str, key: str, what: str) -> None:
+    """Max / min over the rows of ``group`` of build time and peak RSS (medians): the issue's +-20% bar."""
+    rows = sorted((r for r in result.rows if r.group == group), key=lambda r: r.params["shards_per_rank"])
+    if len(rows) < 2:
+        return
+    shares = " / ".join(_label(r.params["shards_per_rank"]) for r in rows)
+    said = []
+    for metric in ("build_s", "peak_rss_mib", "build_cpu_s", "first_batch_s"):  # the first two are the bar
+        values = [r.value(metric) for r in rows]
+        if None in values:
+            continue
+        ratio = max(values) / min(values)
+        result.extra[f"{key}_{metric}_max_over_min"] = ratio
+        bar = metric in ("build_s", "peak_rss_mib")
+        if bar:
+            result.extra[f"{key}_{metric}_within_20pct"] = ratio <= 1.2
+        said.append(f"{metric} {ratio:.2f}x" + ("" if not bar else " (within +-20%)" if ratio <= 1.2
+                                                 else " (NOT within +-20%)"))
+    result.notes.append(f"{what}, {shares} shards/rank: max/min of {', '.join(said)}")
+
+
 def measure_loader(result: SuiteResult, work: Path, shard_counts: tuple[int, ...], window: int,
-                   single_reader_counts: tuple[int, ...], timeout: float, single_timeout: float) -> None:
-    """Rows ``loader <N> shards/rank`` (windows of ``window`` shards) and ``... single reader`` (the old structure,
-    given ``single_timeout`` seconds: one reader over 100k shards fails only after minutes of indexing)."""
+                   single_reader_counts: tuple[int, ...], timeout: float, single_timeout: float, repeats: int,
+                   fixed_worlds: tuple[int, ...], manifest_sizes: tuple[int, ...]) -> None:
+    """Rows ``loader <N> shards/rank`` (windows of ``window`` shards; the manifest is the share), ``... single
+    reader`` (the old structure, given ``single_timeout`` seconds: one reader over 100k shards fails only after
+    minutes of indexing), ``loader <M>-shard manifest W=<W>`` (the largest manifest dealt to ``fixed_worlds``
+    ranks) and ``manifest read <N> entries``."""
     for n in shard_counts:
         shard_dir = linked_shards(work, n)
         for single in (False, True):
             if single and n not in single_reader_counts:
                 continue
             name = f"loader {_label(n)} shards/rank " + ("single reader" if single else f"window={window}")
-            point = run_worker(shard_dir, n if single else window, work / "scale" / f"point-{n}-{int(single)}.json",
-                               single_timeout if single else timeout)
-            if not point["ok"]:
-                result.skip(name, f"failed: {point['error']}")
+            out = work / "scale" / f"point-{n}-{int(single)}.json"
+            points = [run_worker(shard_dir, n if single else window, out, single_timeout if single else timeout)
+                      for _ in range(1 if single else repeats)]
+            if not _add_point(result, name, "baseline" if single else "loader",
+                              {"window_shards": n if single else window}, points):
                 continue
-            result.add(name, "baseline" if single else "loader",
-                       {"shards_per_rank": n, "samples_per_rank": point["samples"], "window_shards": n if single else window,
-                        "windows_per_pass": point["windows_per_pass"], "batches_per_pass": point["batches_per_pass"],
-                        "reader_shards": point["window_shards"]},
-                       build_s=point["build_s"], construct_s=point["construct_s"], first_batch_s=point["first_batch_s"],
-                       peak_rss_mib=point["peak_rss_mib"], import_rss_mib=point["import_rss_mib"],
-                       loader_rss_mib=max(point["peak_rss_mib"] - point["import_rss_mib"], 1e-3),
-                       state_dict_s=point["state_dict_s"])
             if single:
                 ours = f"loader {_label(n)} shards/rank window={window}"
                 result.compare(f"peak RSS {_label(n)} shards/rank: single reader / windowed", ours, name,
                                "peak_rss_mib", lower_is_better=True)
                 result.compare(f"build {_label(n)} shards/rank: single reader / windowed", ours, name, "build_s",
                                lower_is_better=True)
-    windowed = [r for r in result.rows if r.group == "loader"]
-    if len(windowed) > 1:
-        for metric in ("build_s", "first_batch_s", "peak_rss_mib"):
-            values = [r.value(metric) for r in windowed]
-            result.extra[f"windowed_{metric}_max_over_min"] = max(values) / min(values)
+    total = max(shard_counts)
+    for world in fixed_worlds:
+        name = f"loader {_label(total)}-shard manifest W={world} ({_label(total // world)} shards/rank) window={window}"
+        out = work / "scale" / f"point-{total}-w{world}.json"
+        points = [run_worker(linked_shards(work, total), window, out, timeout, "--world-size", str(world))
+                  for _ in range(repeats)]
+        _add_point(result, name, "loader_fixed", {"window_shards": window}, points)
+    for entries in manifest_sizes:
+        name = f"manifest read {_label(entries)} entries"
+        out = work / "scale" / f"manifest-{entries}.json"
+        point = run_worker(fabricated_manifest(work, entries), window, out, timeout, "--manifest-only",
+                           "--repeats", str(max(repeats, 3)))
+        if not point["ok"]:
+            result.skip(name, f"failed: {point['error']}")
+            continue
+        result.add(name, "manifest", {"entries": entries}, manifest_parse_s=point["manifest_parse_s"],
+                   us_per_entry=point["manifest_parse_s"] / entries * 1e6)
+    flat_check(result, "loader", "windowed", "manifest = the rank's share (it grows with the share)")
+    flat_check(result, "loader_fixed", "fixed_manifest", f"one {_label(total)}-shard manifest dealt to "
+               f"W = {' / '.join(map(str, fixed_worlds))} ranks (the share alone grows)")
+    parse = sorted((r.params["entries"], r.value("manifest_parse_s")) for r in result.rows if r.group == "manifest")
+    if parse:
+        result.notes.append("manifest read (parse, no file check, after import torch): " + ", ".join(
+            f"{_label(n)} entries {t:.3f} s ({t / n * 1e6:.2f} us/entry)" for n, t in parse))
 
 
 # ----------------------------------------------------------------------------- sharder (benchmarks/scale_shards.py)
@@ -267,7 +353,7 @@ def plot_curves(result: SuiteResult, out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    dealing = [r for r in result.rows if r.group in ("dealing", "baseline") and "world_size" in r.params]
+    dealing = [r for r in result.rows if r.group in ("dealing", "baseline") and "shards" in r.params]
     if dealing:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for n in sorted({r.params["shards"] for r in dealing}):
@@ -285,26 +371,41 @@ def plot_curves(result: SuiteResult, out_dir: Path) -> list[Path]:
         written.append(out_dir / "scale_dealing.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
-    loader = [r for r in result.rows if "shards_per_rank" in r.params]
+    loader = [r for r in result.rows if r.group in ("loader", "loader_fixed", "baseline") and "shards_per_rank" in
+              r.params]
     if loader:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for single in (False, True):
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        window = next(r.params["window_shards"] for r in loader if r.group == "loader" or r.group == "loader_fixed")
+        curves = (("loader", "o-", f"windows of {window}, manifest = share"),
+                  ("loader_fixed", "^-", f"windows of {window}, fixed manifest"),
+                  ("baseline", "s--", "single reader (before)"))
+        for color, (group, style, label) in enumerate(curves):
             pts = sorted((r.params["shards_per_rank"], r.value("build_s"), r.value("first_batch_s"),
-                          r.value("peak_rss_mib")) for r in loader if (r.group == "baseline") == single)
+                          r.value("peak_rss_mib")) for r in loader if r.group == group)
             if not pts:
                 continue
             xs, build, first, rss = zip(*pts)
-            label = "single reader (before)" if single else f"windows of {loader[0].params['window_shards']} shards"
-            axes[0].plot(xs, build, "s--" if single else "o-", label=label + ": constructor + first batch")
-            axes[0].plot(xs, first, "s:" if single else "o:", label=label + ": first batch (reader build)")
-            axes[1].plot(xs, rss, "s--" if single else "o-", label=label)
+            axes[0].plot(xs, build, style, color=f"C{color}", label=label + ": constructor + first batch")
+            axes[0].plot(xs, first, style[0] + ":", color=f"C{color}", label=label + ": first batch (reader build)")
+            axes[1].plot(xs, rss, style, color=f"C{color}", label=label)
+        manifest = sorted((r.params["entries"], r.value("manifest_parse_s")) for r in result.rows
+                          if r.group == "manifest")
+        if manifest:
+            axes[2].plot(*zip(*manifest), "o-", label="read_manifest (parse, no file check)")
+        files = sorted((r.params["manifest_shards"], r.value("manifest_s")) for r in loader
+                       if r.group == "loader" and r.value("manifest_s") is not None)
+        if files:
+            axes[2].plot(*zip(*files), "s:", label="... and check every file exists (real shard folder)")
         axes[0].set(xscale="log", xlabel="shards per rank (100 samples each)", ylabel="seconds",
                     title="Loader build time")
         axes[1].set(xscale="log", xlabel="shards per rank (100 samples each)", ylabel="peak RSS MiB",
                     title="Loader peak RSS (next window prepared)")
+        axes[2].set(xscale="log", yscale="log", xlabel="manifest entries", ylabel="seconds",
+                    title="Manifest read time")
         for ax in axes:
             ax.legend(fontsize=7)
-            ax.set_ylim(bottom=0)
+        axes[0].set_ylim(bottom=0)
+        axes[1].set_ylim(bottom=0)
         fig.tight_layout()
         written.append(out_dir / "scale_loader.png")
         fig.savefig(written[-1], dpi=110)
@@ -321,16 +422,19 @@ def plot_curves(result: SuiteResult, out_dir: Path) -> list[Path]:
 def run(ctx: Context) -> SuiteResult:
     if ctx.quick:
         shard_counts, worlds, old_budget, repeats = (10_000, 100_000), (8, 64, 512), 1_000_000, 3
-        loader_counts, window, single, timeout, single_timeout = (1_000,), 64, (1_000,), 120.0, 120.0
+        loader_counts, window, single, timeout, single_timeout = (1_000, 10_000), 64, (1_000,), 120.0, 120.0
+        loader_repeats, fixed_worlds, manifest_sizes = 1, (10, 1), (10_000, 100_000)
     else:
         shard_counts, worlds, old_budget, repeats = (10_000, 100_000, 1_000_000), (8, 32, 128, 512, 1024, 4096), \
             60_000_000, 3
         loader_counts, window, single, timeout, single_timeout = (1_000, 10_000, 100_000), 256, (1_000, 10_000, 100_000), \
             420.0, 150.0
+        loader_repeats, fixed_worlds, manifest_sizes = 3, (100, 10, 1), (10_000, 100_000, 1_000_000)
     config = {"samples_per_shard": SAMPLES_PER_SHARD, "local_batch": LOCAL_BATCH, "dealing_shards": shard_counts,
               "world_sizes": worlds, "old_dealing_budget": old_budget, "loader_shards_per_rank": loader_counts,
               "loader_window_shards": window, "loader_samples_per_shard": TINY_SAMPLES,
-              "loader_timeout_s": timeout, "single_reader_timeout_s": single_timeout,
+              "loader_timeout_s": timeout, "single_reader_timeout_s": single_timeout, "loader_repeats": loader_repeats,
+              "loader_fixed_manifest_worlds": fixed_worlds, "manifest_read_entries": manifest_sizes,
               "loader": "DALI CPU, 1 thread, batch 32, 32 px, one rank"}
     result = SuiteResult("scale", config=config, columns=COLUMNS, plot_metric="build_s")
     # Subprocess points first: a forked child starts with this process's RSS high-water mark (Linux copies it at
@@ -339,7 +443,8 @@ def run(ctx: Context) -> SuiteResult:
     if importlib.util.find_spec("nvidia.dali") is None:
         result.skip("loader build vs shards per rank", "nvidia-dali is not installed")
     else:
-        measure_loader(result, ctx.work_dir, loader_counts, window, single, timeout, single_timeout)
+        measure_loader(result, ctx.work_dir, loader_counts, window, single, timeout, single_timeout, loader_repeats,
+                       fixed_worlds, manifest_sizes)
     measure_dealing(result, shard_counts, worlds, old_budget, repeats)
     written = plot_curves(result, ctx.out_dir)
     result.notes.append("curves: " + (", ".join(p.name for p in written) if written else "none (no matplotlib)"))
