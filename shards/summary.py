@@ -2,20 +2,25 @@
 
 Nothing is decoded: sample sizes come from the index files (the JPEG member's size), rejections from the
 per-group stats files, so this is cheap on any number of shards. In object storage (``s3://bucket/shards``) each
-index is streamed to a scratch file, parsed and deleted: no tar is read, one GET per index file.
+index is streamed to a scratch file, parsed and deleted: no tar is read, one GET per index file, 16 in flight.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from shards import storage
-from shards.manifest import read_manifest
+from shards.manifest import Manifest, read_manifest
 from shards.writer import SampleRecord, read_index
+
+FETCH_AHEAD = 16  # index files fetched at once from object storage (each GET mostly waits on the store's latency)
 
 
 @dataclass
@@ -39,8 +44,8 @@ def summarize(path: str | os.PathLike) -> ShardSummary:
                        classes=len(manifest.classes or []))
     out.samples_per_shard = (min(s.samples for s in manifest.shards), max(s.samples for s in manifest.shards))
     with tempfile.TemporaryDirectory(prefix="moco-stats-") as scratch:
-        for shard in manifest.shards:
-            for rec in _index_records(manifest.index_url(shard), Path(scratch)):
+        for records in _index_records(manifest, Path(scratch)):
+            for rec in records:
                 size = next((s for ext, _o, s, _n in rec.files if ext == "jpg"), 0)
                 bucket = 1 << max(size.bit_length() - 1, 0)
                 out.size_histogram[bucket] = out.size_histogram.get(bucket, 0) + 1
@@ -57,16 +62,32 @@ def summarize(path: str | os.PathLike) -> ShardSummary:
     return out
 
 
-def _index_records(index: str | Path, scratch: Path) -> list[SampleRecord]:
-    """The records of the index file ``index``; one in object storage is streamed to ``scratch`` and deleted after
-    parsing (not kept, as the loaders' per-process copies are: at ~63 B an indexed sample, 10^9 samples take ~60 GB)."""
-    if not storage.is_url(index):
-        return read_index(index)
-    local = storage.download(index, scratch / storage.name(index))
-    try:
-        return read_index(local)
-    finally:
-        local.unlink()
+def _index_records(manifest: Manifest, scratch: Path) -> Iterator[list[SampleRecord]]:
+    """The records of each shard's index file, in manifest order.
+
+    In object storage each index is streamed to ``scratch``, parsed and deleted (not kept, as the loaders'
+    per-process copies are: at ~63 B an indexed sample, 10^9 samples take ~60 GB), ``FETCH_AHEAD`` at a time.
+    """
+    indexes = [manifest.index_url(shard) for shard in manifest.shards]
+    if not storage.is_url(manifest.root):
+        yield from map(read_index, indexes)
+        return
+
+    def fetch(k: int) -> list[SampleRecord]:
+        local = storage.download(indexes[k], scratch / f"{k}-{storage.name(indexes[k])}")
+        try:
+            return read_index(local)
+        finally:
+            local.unlink()
+
+    with concurrent.futures.ThreadPoolExecutor(FETCH_AHEAD, thread_name_prefix="stats-fetch") as pool:
+        pending: collections.deque[concurrent.futures.Future] = collections.deque()
+        for k in range(len(indexes)):
+            pending.append(pool.submit(fetch, k))
+            if len(pending) >= FETCH_AHEAD:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def format_summary(s: ShardSummary) -> str:
