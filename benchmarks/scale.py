@@ -1,7 +1,8 @@
 """Scale suite: what a billion-image corpus on a cluster costs the data path, simulated on one machine.
 
     python -m benchmarks run --suite scale --out results/            # full: 10k / 100k / 1M shards, W 8 to 4,096
-    python -m benchmarks run --suite scale --quick --out results/q   # < 1 min on 2 CPU cores
+    python -m benchmarks run --suite scale --quick --out results/q   # < 2 min on 2 CPU cores
+    python -m benchmarks run --suite scale --only loader --out results/  # one part: dealing, loader or sharder
 
 Four curves (``scale.json``; ``scale_dealing.png``, ``scale_loader.png`` and, when measured, ``scale_shards.png``):
 
@@ -439,13 +440,17 @@ def run(ctx: Context) -> SuiteResult:
     result = SuiteResult("scale", config=config, columns=COLUMNS, plot_metric="build_s")
     # Subprocess points first: a forked child starts with this process's RSS high-water mark (Linux copies it at
     # fork and keeps it across exec), and the old dealing of 1M shards grows this process past 1 GB.
-    measure_sharder(result, ctx.work_dir, ctx.quick)
-    if importlib.util.find_spec("nvidia.dali") is None:
+    if ctx.selects("sharder"):
+        measure_sharder(result, ctx.work_dir, ctx.quick)
+    if not ctx.selects("loader"):
+        pass
+    elif importlib.util.find_spec("nvidia.dali") is None:
         result.skip("loader build vs shards per rank", "nvidia-dali is not installed")
     else:
         measure_loader(result, ctx.work_dir, loader_counts, window, single, timeout, single_timeout, loader_repeats,
                        fixed_worlds, manifest_sizes)
-    measure_dealing(result, shard_counts, worlds, old_budget, repeats)
+    if ctx.selects("dealing"):
+        measure_dealing(result, shard_counts, worlds, old_budget, repeats)
     written = plot_curves(result, ctx.out_dir)
     result.notes.append("curves: " + (", ".join(p.name for p in written) if written else "none (no matplotlib)"))
     return result

@@ -83,3 +83,35 @@ def test_train_says_one_line_and_exits_2(photo_dir, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr
     assert f"{photo_dir} holds images, not shards: build shards from it first with `python -m shards build" in lines[0]
+
+
+def test_entries_read_fast_are_the_checked_dataclass(shard_dir, tmp_path):
+    # read_manifest builds entries without ShardEntry.__init__ (O(shards) per rank): they must be the same values,
+    # defaults included, and behave as the frozen dataclass does.
+    import dataclasses
+
+    from shards.manifest import ShardEntry
+
+    root = _manifest_with(shard_dir, tmp_path, max_sample_bytes=None, stats=None)
+    raw = json.loads((root / "manifest.json").read_text())["shards"]
+    entries = read_manifest(root).shards
+    assert entries == [ShardEntry(**s) for s in raw] and entries[0].max_sample_bytes == 0 and entries[0].stats == ""
+    assert dataclasses.replace(entries[1], samples=3).samples == 3 and len({*entries, *entries}) == len(entries)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        entries[0].samples = 5
+
+
+def test_a_missing_file_in_a_sub_folder_is_named(shard_dir, tmp_path):
+    # File existence is checked by one listing per folder: shards in a sub-folder are found, a missing one named.
+    root = tmp_path / "shards"
+    shutil.copytree(shard_dir, root)
+    (root / "part-1").mkdir()
+    raw = json.loads((root / "manifest.json").read_text())
+    for key in ("tar", "index"):
+        os.replace(root / raw["shards"][1][key], root / "part-1" / raw["shards"][1][key])
+        raw["shards"][1][key] = "part-1/" + raw["shards"][1][key]
+    (root / "manifest.json").write_text(json.dumps(raw))
+    assert read_manifest(root).shards[1].tar == "part-1/train-000001.tar"
+    (root / "part-1" / "train-000001.idx").unlink()
+    with pytest.raises(ManifestError, match=r"^missing index file: .*part-1/train-000001\.idx$"):
+        read_manifest(root)
