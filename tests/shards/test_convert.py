@@ -152,7 +152,7 @@ def test_fast_path_psnr_against_full_decode_lanczos(name):
     reference = Image.open(io.BytesIO(data)).convert("RGB").resize((fast.width, fast.height), Image.LANCZOS)
     want = np.asarray(Image.open(io.BytesIO(jpeg_bytes(reference))), dtype=np.float64)
     fast_db, pil_db = _psnr(_decode(fast), want), _psnr(_decode(pil), want)
-    assert fast_db > 34.0 and fast_db > pil_db - 1.5, (fast_db, pil_db)
+    assert fast_db > 34.0 and fast_db > pil_db - 2.0, (fast_db, pil_db)
 
 
 @fast_only
@@ -172,6 +172,23 @@ def test_fast_path_same_pixels_as_pillow_where_nothing_is_resampled(photo, orien
         assert (fast.width, fast.height, fast.hash) == (pil.width, pil.height, pil.hash), (short_side, orientation)
         assert _decode(fast).shape == (fast.height, fast.width, 3)
 
+
+
+@fast_only
+def test_fast_path_pixels_do_not_depend_on_opencv_simd(photo):
+    """OpenCV's plain code gives the pixels its SIMD code gives, so machines with other CPUs hash alike (float
+    weights or INTER_CUBIC would differ here)."""
+    cv2 = fast_codecs()[1]
+    images = [jpeg_bytes(photo.resize(size, Image.BICUBIC)) for size in ((451, 300), (700, 467), (1200, 800))]
+    options = [ConvertOptions(short_side=side) for side in (256, 200, 90)]  # factors 1.1 to 1.9 after DCT scaling
+    want = [convert_image(data, opts).hash for data in images for opts in options]
+    previous = cv2.useOptimized()
+    cv2.setUseOptimized(False)
+    try:
+        got = [convert_image(data, opts).hash for data in images for opts in options]
+    finally:
+        cv2.setUseOptimized(previous)
+    assert got == want
 
 @fast_only
 def test_fast_path_hands_what_libjpeg_turbo_warns_about_to_pillow(photo):
