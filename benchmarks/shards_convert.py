@@ -17,7 +17,8 @@ Rows, all in this process on one thread (images/s is images/s per core):
 - convert_image pillow: the same with ``fast_jpeg=False``, the path taken where the optional wheels are missing.
 
 They are timed in alternating rounds (``benchmarks.timing.measure_interleaved``), so the drift of a shared machine
-hits all of them alike. PSNR: each output decoded and compared with the reference (full decode, ``Image.LANCZOS``
+hits all of them alike; ``extra["per_round_ratio"]`` gives each comparison's ratio within every round (paired, so
+its spread is the machine's drift, not the gap between a fast and a slow round). PSNR: each output decoded and compared with the reference (full decode, ``Image.LANCZOS``
 to the same size, JPEG at the same quality), over all pixels and channels; Stats over the images.
 """
 
@@ -37,7 +38,7 @@ from shards.convert import ConvertOptions, conversion_path, convert_image, fast_
 
 SIZE_CLASSES = {"~500x375": (500, 375), "2000x1500": (2000, 1500)}
 COUNTS = {False: {"~500x375": 96, "2000x1500": 24}, True: {"~500x375": 24, "2000x1500": 6}}  # by --quick
-REPEATS = 5  # alternating rounds; the figures are the median and min-max over them
+REPEATS = {False: 7, True: 5}  # alternating rounds (by --quick); the figures are the median and min-max over them
 
 
 def sized_photos(size: tuple[int, int], count: int, seed: int = 0) -> list[bytes]:
@@ -119,7 +120,7 @@ def add_conversion_rows(result: SuiteResult, ctx: Context, short_side: int, qual
         result.skip("convert_image simplejpeg+opencv", "simplejpeg or opencv-python-headless is not importable")
     result.config["conversion"] = {
         "sizes": {label: {"size": list(SIZE_CLASSES[label]), "images": len(c)} for label, c in corpora.items()},
-        "repeats": REPEATS, "opencv_threads": 1, "codecs": _codec_versions(),
+        "repeats": REPEATS[ctx.quick], "opencv_threads": 1, "codecs": _codec_versions(),
         "psnr_reference": f"full decode, PIL LANCZOS to the same size, JPEG quality {quality}; dB over all pixels"}
     threads = set_opencv_threads(1)
     try:
@@ -135,19 +136,36 @@ def _measure_class(result: SuiteResult, ctx: Context, label: str, corpus: list[b
     outputs = {name: [fn(data) for data in corpus] for name, fn in sides.items()}  # also the warm-up
     references = [reference_pixels(data, Image.open(io.BytesIO(out)).size, quality)
                   for data, out in zip(corpus, outputs["naive PIL loop"])]
+    calls = {name: (lambda fn=fn: [fn(data) for data in corpus]) for name, fn in sides.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in sides}
     with ctx.profiler(f"shards-convert-{label}"):
-        timed = measure_interleaved({name: (lambda fn=fn: [fn(data) for data in corpus]) for name, fn in sides.items()},
-                                    items_per_call=len(corpus), iters=1, repeats=REPEATS)
+        for _ in range(REPEATS[ctx.quick]):  # one round at a time, to keep each round's figures paired
+            for name, timed in measure_interleaved(calls, items_per_call=len(corpus), iters=1, repeats=1).items():
+                seconds[name].append(timed.seconds_per_call.median)
     for name, jpegs in outputs.items():
         quality_db = Stats.of([psnr_db(_pixels(j), ref) for j, ref in zip(jpegs, references)])
-        rate = timed[name].items_per_s
+        rate = Stats.of([len(corpus) / t for t in seconds[name]])
         result.add(f"{name} {label}", "conversion", {"size": label, "images": len(corpus), "workers": 1},
                    images_per_s=rate, images_per_s_per_core=rate, workers=1, psnr_db=quality_db,
-                   seconds=timed[name].seconds_per_call)
+                   seconds=Stats.of(seconds[name]))
+    per_round = result.extra.setdefault("per_round_ratio", {})
     for name in sides:
         if name != "naive PIL loop":
-            result.compare(f"{name} vs naive PIL loop, {label} (per core)", f"{name} {label}",
-                           f"naive PIL loop {label}", "images_per_s_per_core")
+            comparison = f"{name} vs naive PIL loop, {label} (per core)"
+            result.compare(comparison, f"{name} {label}", f"naive PIL loop {label}", "images_per_s_per_core")
+            per_round[comparison] = Stats.of([b / a for a, b in zip(seconds[name], seconds["naive PIL loop"])])
+
+
+def conversion_markdown(result: SuiteResult) -> str:
+    """What the conversion rows measure, and each comparison's ratio paired within rounds (for the suite's .md)."""
+    per_round = result.extra.get("per_round_ratio", {})
+    if not per_round:
+        return ""
+    ratios = "; ".join(f"{name.split(' (')[0]}: {r.median:.2f}x ({r.min:.2f}-{r.max:.2f})" for name, r in per_round.items())
+    return ("The rows with a size time `convert_image` alone (what a build worker does per image) on JPEG bytes in "
+            "memory, one process on one thread, against the naive loop in alternating rounds; their PSNR compares "
+            "each output with a full decode resized by Lanczos and saved at the same JPEG quality (median, min-max "
+            f"over the images). Ratio within each round, median (min-max): {ratios}.")
 
 
 def _codec_versions() -> dict[str, str]:

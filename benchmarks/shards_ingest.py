@@ -30,7 +30,7 @@ from PIL import Image
 from benchmarks.context import Context
 from benchmarks.data import bench_corpus
 from benchmarks.report import Column, SuiteResult
-from benchmarks.shards_convert import add_conversion_rows
+from benchmarks.shards_convert import add_conversion_rows, conversion_markdown
 from benchmarks.timing import Stats
 from shards.sources import IMAGE_SUFFIXES
 
@@ -125,9 +125,5 @@ def run(ctx: Context) -> SuiteResult:
             "writing tar, index and manifest, and with more than one worker starting its spawned process pool. Per "
             "image it also validates, fixes EXIF orientation and hashes the pixels, which the naive loop does not. "
             "The full suite times 512 images, where those fixed costs weigh less.")
-    result.markdown_extra = "\n\n".join(filter(None, [result.markdown_extra, (
-        "The rows with a size time `convert_image` alone (what a build worker does per image) on JPEG bytes in "
-        "memory, one process on one thread, against the naive loop in alternating rounds; their PSNR compares each "
-        "output with a full decode resized by Lanczos and saved at the same JPEG quality (median, min-max over the "
-        "images).")]))
+    result.markdown_extra = "\n\n".join(filter(None, [result.markdown_extra, conversion_markdown(result)]))
     return result

@@ -14,7 +14,7 @@ from PIL import Image
 import benchmarks.shards_convert as shards_convert
 from benchmarks.context import Context, Sizes
 from benchmarks.report import Column, SuiteResult, load_report, report_json
-from benchmarks.shards_convert import add_conversion_rows, naive_convert, psnr_db, sized_photos
+from benchmarks.shards_convert import add_conversion_rows, conversion_markdown, naive_convert, psnr_db, sized_photos
 from shards.convert import fast_codecs
 
 
@@ -38,14 +38,18 @@ def test_psnr_db_against_a_plain_formula():
 def test_conversion_rows_on_a_tiny_corpus(tmp_path, monkeypatch):
     monkeypatch.setattr(shards_convert, "SIZE_CLASSES", {"~500x375": (500, 375), "2000x1500": (1000, 750)})
     monkeypatch.setattr(shards_convert, "COUNTS", {True: {"~500x375": 2, "2000x1500": 1}})
-    monkeypatch.setattr(shards_convert, "REPEATS", 2)
+    monkeypatch.setattr(shards_convert, "REPEATS", {True: 2})
     ctx = Context(out_dir=tmp_path, quick=True, device=torch.device("cpu"), sizes=Sizes.quick(1))
     result = SuiteResult("shards", config={}, columns=[Column("images_per_s_per_core", "images/s per core")],
                          plot_metric="images_per_s_per_core")
     add_conversion_rows(result, ctx, short_side=256, quality=90)
     sides = ["naive PIL loop", "convert_image pillow"] + (["convert_image simplejpeg+opencv"] if fast_codecs() else [])
     assert [r.name for r in result.rows] == [f"{s} {c}" for c in ("~500x375", "2000x1500") for s in sides]
-    assert len(result.comparisons) == 2 * (len(sides) - 1)
+    assert len(result.comparisons) == 2 * (len(sides) - 1) == len(result.extra["per_round_ratio"])
+    for comp in result.comparisons:
+        paired = result.extra["per_round_ratio"][comp["name"]]
+        assert paired.n == 2 and paired.min <= paired.max
+    assert "Ratio within each round" in conversion_markdown(result)
     for row in result.rows:
         assert row.metrics["images_per_s"].n == 2 and row.metrics["workers"] == 1
         assert 30 < row.metrics["psnr_db"].min and row.metrics["psnr_db"].max < 60, row
