@@ -1,5 +1,5 @@
 """Shards suite, conversion rows: ``convert_image`` images/s per core on ~500x375 and 2000x1500 photos against a
-naive PIL loop measured in the same run, and the PSNR of each output against a full-decode Lanczos reference.
+naive PIL loop measured in the same run, and the PSNR of each output against full-decode references.
 
 Corpus, per size class: JPEGs made from the real photos that ship with scikit-image and scikit-learn
 (``shards.sample_corpus``), never noise: a random crop of the class's aspect (4:3; every fourth image portrait)
@@ -18,8 +18,11 @@ Rows, all in this process on one thread (images/s is images/s per core):
 
 They are timed in alternating rounds (``benchmarks.timing.measure_interleaved``), so the drift of a shared machine
 hits all of them alike; ``extra["per_round_ratio"]`` gives each comparison's ratio within every round (paired, so
-its spread is the machine's drift, not the gap between a fast and a slow round). PSNR: each output decoded and compared with the reference (full decode, ``Image.LANCZOS``
-to the same size, JPEG at the same quality), over all pixels and channels; Stats over the images.
+its spread is the machine's drift, not the gap between a fast and a slow round).
+
+PSNR: each output decoded and compared with two references, full decodes resized to the same size and saved at
+the same JPEG quality: by ``Image.LANCZOS`` (``psnr_db``) and by an area average in float (OpenCV's INTER_AREA on
+float32, ``psnr_area_db``; None without OpenCV); over all pixels and channels, Stats over the images.
 """
 
 from __future__ import annotations
@@ -83,9 +86,16 @@ def naive_convert(data: bytes, short_side: int, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def reference_pixels(data: bytes, size: tuple[int, int], quality: int) -> np.ndarray:
-    """The quality reference: full decode, Lanczos to ``size``, JPEG at ``quality``, decoded (H x W x 3 float64)."""
-    image = Image.open(io.BytesIO(data)).convert("RGB").resize(size, Image.LANCZOS)
+def reference_pixels(data: bytes, size: tuple[int, int], quality: int, area: bool = False) -> np.ndarray:
+    """A quality reference: full decode, Lanczos (or a float area average) to ``size``, JPEG at ``quality``, decoded
+    (H x W x 3 float64). ``area`` needs OpenCV."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    if area:
+        cv2 = fast_codecs()[1]
+        averaged = cv2.resize(np.asarray(image, dtype=np.float32), size, interpolation=cv2.INTER_AREA)
+        image = Image.fromarray(np.clip(averaged + 0.5, 0, 255).astype(np.uint8))
+    else:
+        image = image.resize(size, Image.LANCZOS)
     buf = io.BytesIO()
     image.save(buf, "JPEG", quality=quality)
     return _pixels(buf.getvalue())
@@ -121,7 +131,8 @@ def add_conversion_rows(result: SuiteResult, ctx: Context, short_side: int, qual
     result.config["conversion"] = {
         "sizes": {label: {"size": list(SIZE_CLASSES[label]), "images": len(c)} for label, c in corpora.items()},
         "repeats": REPEATS[ctx.quick], "opencv_threads": 1, "codecs": _codec_versions(),
-        "psnr_reference": f"full decode, PIL LANCZOS to the same size, JPEG quality {quality}; dB over all pixels"}
+        "psnr_reference": f"full decode, PIL LANCZOS to the same size, JPEG quality {quality}; dB over all pixels",
+        "psnr_area_reference": "the same with a float area average (OpenCV INTER_AREA on float32) for LANCZOS"}
     threads = set_opencv_threads(1)
     try:
         for label, corpus in corpora.items():
@@ -134,8 +145,10 @@ def add_conversion_rows(result: SuiteResult, ctx: Context, short_side: int, qual
 def _measure_class(result: SuiteResult, ctx: Context, label: str, corpus: list[bytes],
                    sides: dict[str, Callable[[bytes], bytes]], quality: int) -> None:
     outputs = {name: [fn(data) for data in corpus] for name, fn in sides.items()}  # also the warm-up
-    references = [reference_pixels(data, Image.open(io.BytesIO(out)).size, quality)
-                  for data, out in zip(corpus, outputs["naive PIL loop"])]
+    sizes = [Image.open(io.BytesIO(out)).size for out in outputs["naive PIL loop"]]
+    references = [reference_pixels(data, size, quality) for data, size in zip(corpus, sizes)]
+    areas = [reference_pixels(data, size, quality, area=True) for data, size in zip(corpus, sizes)] if (
+        fast_codecs() is not None) else None
     calls = {name: (lambda fn=fn: [fn(data) for data in corpus]) for name, fn in sides.items()}
     seconds: dict[str, list[float]] = {name: [] for name in sides}
     with ctx.profiler(f"shards-convert-{label}"):
@@ -143,10 +156,12 @@ def _measure_class(result: SuiteResult, ctx: Context, label: str, corpus: list[b
             for name, timed in measure_interleaved(calls, items_per_call=len(corpus), iters=1, repeats=1).items():
                 seconds[name].append(timed.seconds_per_call.median)
     for name, jpegs in outputs.items():
-        quality_db = Stats.of([psnr_db(_pixels(j), ref) for j, ref in zip(jpegs, references)])
+        decoded = [_pixels(j) for j in jpegs]
+        quality_db = Stats.of([psnr_db(d, ref) for d, ref in zip(decoded, references)])
+        area_db = Stats.of([psnr_db(d, ref) for d, ref in zip(decoded, areas)]) if areas else None
         rate = Stats.of([len(corpus) / t for t in seconds[name]])
         result.add(f"{name} {label}", "conversion", {"size": label, "images": len(corpus), "workers": 1},
-                   images_per_s=rate, images_per_s_per_core=rate, workers=1, psnr_db=quality_db,
+                   images_per_s=rate, images_per_s_per_core=rate, workers=1, psnr_db=quality_db, psnr_area_db=area_db,
                    seconds=Stats.of(seconds[name]))
     per_round = result.extra.setdefault("per_round_ratio", {})
     for name in sides:
@@ -161,11 +176,12 @@ def conversion_markdown(result: SuiteResult) -> str:
     per_round = result.extra.get("per_round_ratio", {})
     if not per_round:
         return ""
-    ratios = "; ".join(f"{name.split(' (')[0]}: {r.median:.2f}x ({r.min:.2f}-{r.max:.2f})" for name, r in per_round.items())
+    ratios = "; ".join(f"{name.split(' (')[0]}: {r.median:.2f}x ({r.min:.2f}-{r.max:.2f})"
+                       for name, r in per_round.items())
     return ("The rows with a size time `convert_image` alone (what a build worker does per image) on JPEG bytes in "
             "memory, one process on one thread, against the naive loop in alternating rounds; their PSNR compares "
-            "each output with a full decode resized by Lanczos and saved at the same JPEG quality (median, min-max "
-            f"over the images). Ratio within each round, median (min-max): {ratios}.")
+            "each output with a full decode resized by Lanczos (or averaged over areas) and saved at the same JPEG "
+            f"quality (median, min-max over the images). Ratio within each round, median (min-max): {ratios}.")
 
 
 def _codec_versions() -> dict[str, str]:

@@ -40,6 +40,7 @@ COLUMNS = [
     Column("images_per_s_per_core", "images/s per core", "{:,.1f}"),
     Column("workers", "workers", "{:d}"),
     Column("psnr_db", "PSNR dB vs Lanczos", "{:.1f}"),
+    Column("psnr_area_db", "PSNR dB vs area", "{:.1f}"),
 ]
 SHORT_SIDE, QUALITY = 256, 90
 

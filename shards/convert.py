@@ -1,8 +1,8 @@
 """Decode one untrusted image, validate it, normalise it to 8-bit RGB and re-encode it as a clean JPEG.
 
 Every image is decoded (Pillow: libjpeg-turbo, libpng, libwebp, libtiff; simplejpeg: libjpeg-turbo) and always
-re-encoded, so what lands in a shard is a baseline JPEG written by libjpeg-turbo from clean pixels: DALI never sees the
-original bytes, whatever quirks they had. Choices (all documented in the README):
+re-encoded, so what lands in a shard is a baseline JPEG written by libjpeg-turbo from clean pixels: DALI never
+sees the original bytes, whatever quirks they had. Choices (all documented in the README):
 
 * Limits are checked on the header before any pixel is decoded: minimum side, maximum area (decompression
   bombs; Pillow's own ``MAX_IMAGE_PIXELS`` guard is raised to our limit and its warning made an error),
@@ -10,11 +10,12 @@ original bytes, whatever quirks they had. Choices (all documented in the README)
 * Large JPEGs are decoded at 1/2, 1/4 or 1/8 scale in the DCT domain, the largest that stays at or above the
   target size, so a 4000x3000 photo headed for a 256 short side is never fully decoded.
 * Fast path: 8-bit RGB and greyscale JPEGs go through simplejpeg (libjpeg-turbo: decode, DCT scaling, encode)
-  and an OpenCV resize, about 1.8x the Pillow path on ImageNet-size photos (README "Shards" has the figures and
-  the PSNR against a full-decode Lanczos reference); bit-exact across CPUs like the Pillow path. Everything else (CMYK, PNG, WebP, GIF, TIFF, MPO) and any
-  JPEG libjpeg-turbo refuses or warns about takes the Pillow path below, which then decides accept or reject, so
-  the rejection reasons are the Pillow path's. Both packages are optional: without them every image takes the
-  Pillow path, and :func:`conversion_path` (recorded in stats and manifest) says which ran.
+  and an OpenCV resize, bit-exact across CPUs like the Pillow path and about 1.8x its speed on ImageNet-size
+  photos (README "Shards" has the figures and the PSNR against full-decode references). Everything else (CMYK,
+  PNG, WebP, GIF, TIFF, MPO) and any JPEG libjpeg-turbo refuses or warns about takes the Pillow path below,
+  which then decides accept or reject, so the rejection reasons are the Pillow path's. Both packages are
+  optional: without them every image takes the Pillow path, and :func:`conversion_path` (recorded in stats and
+  manifest) says which ran.
 * EXIF orientation is applied; metadata (EXIF, ICC) is not copied to the output.
 * Colour: CMYK with an embedded ICC profile goes through LittleCMS to sRGB (plain inversion otherwise);
   16-bit grey keeps its top 8 bits; palette / RGBA / LA images are composited on a WHITE background

@@ -53,5 +53,7 @@ def test_conversion_rows_on_a_tiny_corpus(tmp_path, monkeypatch):
     for row in result.rows:
         assert row.metrics["images_per_s"].n == 2 and row.metrics["workers"] == 1
         assert 30 < row.metrics["psnr_db"].min and row.metrics["psnr_db"].max < 60, row
+        area = row.metrics["psnr_area_db"]
+        assert area is None if fast_codecs() is None else 30 < area.min and area.max < 60, row
     back = load_report(json.loads(json.dumps(report_json(result, {"cpu_cores": 1}, ["run"], True))))
     assert back.config["conversion"]["psnr_reference"].startswith("full decode")
