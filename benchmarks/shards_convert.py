@@ -16,9 +16,11 @@ Rows, all in this process on one thread (images/s is images/s per core):
   pixel hash, encode) as its workers run it;
 - convert_image pillow: the same with ``fast_jpeg=False``, the path taken where the optional wheels are missing.
 
-They are timed in alternating rounds (``benchmarks.timing.measure_interleaved``), so the drift of a shared machine
-hits all of them alike; ``extra["per_round_ratio"]`` gives each comparison's ratio within every round (paired, so
-its spread is the machine's drift, not the gap between a fast and a slow round).
+They are timed in alternating rounds (round r converts the whole class once with every side), so the drift of a
+shared machine hits all of them alike. Each round is timed on the wall clock (``images_per_s``) and in this
+process's CPU time (``images_per_cpu_s``: what the work costs a core, whatever else the machine runs);
+``extra["per_round_ratio"]`` gives each comparison's ratio within every round (paired, so its spread is the
+machine's drift, not the gap between a fast and a slow round).
 
 PSNR: each output decoded and compared with two references, full decodes resized to the same size and saved at
 the same JPEG quality: by ``Image.LANCZOS`` (``psnr_db``) and by an area average in float (OpenCV's INTER_AREA on
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import io
 import random
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -36,7 +39,7 @@ from PIL import Image
 
 from benchmarks.context import Context
 from benchmarks.report import SuiteResult
-from benchmarks.timing import Stats, measure_interleaved
+from benchmarks.timing import Stats
 from shards.convert import ConvertOptions, conversion_path, convert_image, fast_codecs, set_opencv_threads
 
 SIZE_CLASSES = {"~500x375": (500, 375), "2000x1500": (2000, 1500)}
@@ -149,26 +152,34 @@ def _measure_class(result: SuiteResult, ctx: Context, label: str, corpus: list[b
     references = [reference_pixels(data, size, quality) for data, size in zip(corpus, sizes)]
     areas = [reference_pixels(data, size, quality, area=True) for data, size in zip(corpus, sizes)] if (
         fast_codecs() is not None) else None
-    calls = {name: (lambda fn=fn: [fn(data) for data in corpus]) for name, fn in sides.items()}
-    seconds: dict[str, list[float]] = {name: [] for name in sides}
+    wall: dict[str, list[float]] = {name: [] for name in sides}
+    cpu: dict[str, list[float]] = {name: [] for name in sides}
     with ctx.profiler(f"shards-convert-{label}"):
-        for _ in range(REPEATS[ctx.quick]):  # one round at a time, to keep each round's figures paired
-            for name, timed in measure_interleaved(calls, items_per_call=len(corpus), iters=1, repeats=1).items():
-                seconds[name].append(timed.seconds_per_call.median)
+        for _ in range(REPEATS[ctx.quick]):
+            for name, fn in sides.items():  # alternating: round r times every side once
+                t0, c0 = time.perf_counter(), time.process_time()
+                for data in corpus:
+                    fn(data)
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
     for name, jpegs in outputs.items():
         decoded = [_pixels(j) for j in jpegs]
         quality_db = Stats.of([psnr_db(d, ref) for d, ref in zip(decoded, references)])
         area_db = Stats.of([psnr_db(d, ref) for d, ref in zip(decoded, areas)]) if areas else None
-        rate = Stats.of([len(corpus) / t for t in seconds[name]])
+        rate = Stats.of([len(corpus) / t for t in wall[name]])
         result.add(f"{name} {label}", "conversion", {"size": label, "images": len(corpus), "workers": 1},
                    images_per_s=rate, images_per_s_per_core=rate, workers=1, psnr_db=quality_db, psnr_area_db=area_db,
-                   seconds=Stats.of(seconds[name]))
+                   images_per_cpu_s=Stats.of([len(corpus) / t for t in cpu[name]]), seconds=Stats.of(wall[name]))
     per_round = result.extra.setdefault("per_round_ratio", {})
     for name in sides:
         if name != "naive PIL loop":
+            base = "naive PIL loop"
             comparison = f"{name} vs naive PIL loop, {label} (per core)"
-            result.compare(comparison, f"{name} {label}", f"naive PIL loop {label}", "images_per_s_per_core")
-            per_round[comparison] = Stats.of([b / a for a, b in zip(seconds[name], seconds["naive PIL loop"])])
+            result.compare(comparison, f"{name} {label}", f"{base} {label}", "images_per_s_per_core")
+            per_round[comparison] = Stats.of([b / a for a, b in zip(wall[name], wall[base])])
+            comparison = f"{name} vs naive PIL loop, {label} (CPU time)"
+            result.compare(comparison, f"{name} {label}", f"{base} {label}", "images_per_cpu_s")
+            per_round[comparison] = Stats.of([b / a for a, b in zip(cpu[name], cpu[base])])
 
 
 def conversion_markdown(result: SuiteResult) -> str:
@@ -176,7 +187,7 @@ def conversion_markdown(result: SuiteResult) -> str:
     per_round = result.extra.get("per_round_ratio", {})
     if not per_round:
         return ""
-    ratios = "; ".join(f"{name.split(' (')[0]}: {r.median:.2f}x ({r.min:.2f}-{r.max:.2f})"
+    ratios = "; ".join(f"{name.replace('(per core)', '(wall)')}: {r.median:.2f}x ({r.min:.2f}-{r.max:.2f})"
                        for name, r in per_round.items())
     return ("The rows with a size time `convert_image` alone (what a build worker does per image) on JPEG bytes in "
             "memory, one process on one thread, against the naive loop in alternating rounds; their PSNR compares "

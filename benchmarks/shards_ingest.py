@@ -39,6 +39,7 @@ COLUMNS = [
     Column("images_per_s", "images/s", "{:,.1f}"),
     Column("images_per_s_per_core", "images/s per core", "{:,.1f}"),
     Column("workers", "workers", "{:d}"),
+    Column("images_per_cpu_s", "images per CPU s", "{:,.1f}"),
     Column("psnr_db", "PSNR dB vs Lanczos", "{:.1f}"),
     Column("psnr_area_db", "PSNR dB vs area", "{:.1f}"),
 ]

@@ -45,13 +45,13 @@ def test_conversion_rows_on_a_tiny_corpus(tmp_path, monkeypatch):
     add_conversion_rows(result, ctx, short_side=256, quality=90)
     sides = ["naive PIL loop", "convert_image pillow"] + (["convert_image simplejpeg+opencv"] if fast_codecs() else [])
     assert [r.name for r in result.rows] == [f"{s} {c}" for c in ("~500x375", "2000x1500") for s in sides]
-    assert len(result.comparisons) == 2 * (len(sides) - 1) == len(result.extra["per_round_ratio"])
+    assert len(result.comparisons) == 4 * (len(sides) - 1) == len(result.extra["per_round_ratio"])  # wall, CPU
     for comp in result.comparisons:
         paired = result.extra["per_round_ratio"][comp["name"]]
         assert paired.n == 2 and paired.min <= paired.max
     assert "Ratio within each round" in conversion_markdown(result)
     for row in result.rows:
-        assert row.metrics["images_per_s"].n == 2 and row.metrics["workers"] == 1
+        assert row.metrics["images_per_s"].n == row.metrics["images_per_cpu_s"].n == 2 and row.metrics["workers"] == 1
         assert 30 < row.metrics["psnr_db"].min and row.metrics["psnr_db"].max < 60, row
         area = row.metrics["psnr_area_db"]
         assert area is None if fast_codecs() is None else 30 < area.min and area.max < 60, row
