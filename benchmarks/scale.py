@@ -20,8 +20,9 @@ Four curves (``scale.json``; ``scale_dealing.png``, ``scale_loader.png`` and, wh
   includes the next window's reader prepared ahead. Two ways: the manifest holds exactly the rank's share
   (1k / 10k / 100k shards, so the manifest grows with it: group ``loader``), and one 100k-shard manifest dealt to
   W = 100 / 10 / 1 ranks (the share alone grows: group ``loader_fixed``). The issue's bar, build time and peak RSS
-  within +-20% across the shares, is checked on both as max / min <= 1.2 (``extra``, ``notes``). Each point is the
-  median (min-max) of ``loader_repeats`` processes: the machine is shared.
+  within +-20% across the shares, is checked on both as max / min <= 1.2 (``extra``, notes, under the table; build
+  time on the best of ``loader_repeats`` processes, since the machine is shared: see :func:`flat_check`). Each row
+  shows the median (min-max) of those processes, and the build's CPU time.
 * **Manifest read time vs manifest size** (10k, 100k, 1M entries, fabricated: no files): ``read_manifest``
   without the file check, in a process that imported torch and DALI as training does; the O(manifest) part of
   every rank's start-up (it deals from the whole list). The loader rows add ``manifest_s``: the read with the
@@ -255,24 +256,42 @@ def _add_point(result: SuiteResult, name: str, group: str, params: dict, points:
 
 
 def flat_check(result: SuiteResult, group: str, key: str, what: str) -> None:
-    """Max / min over the rows of ``group`` of build time and peak RSS (medians): the issue's +-20% bar."""
+    """The issue's +-20% bar over the rows of ``group``: max / min across the shares of build time and peak RSS.
+
+    Build time is judged on the best of the repeated processes (the run least disturbed by the other processes of
+    a shared machine, as ``timeit`` advises); the ratios of the medians and of the CPU time are reported beside it.
+    Adds ``<key>_<metric>_max_over_min`` (and ``..._median_max_over_min``) and ``<key>_<metric>_within_20pct`` to
+    ``extra``, a note, and a line of Markdown under the table.
+    """
     rows = sorted((r for r in result.rows if r.group == group), key=lambda r: r.params["shards_per_rank"])
     if len(rows) < 2:
         return
     shares = " / ".join(_label(r.params["shards_per_rank"]) for r in rows)
-    said = []
-    for metric in ("build_s", "peak_rss_mib", "build_cpu_s", "first_batch_s"):  # the first two are the bar
-        values = [r.value(metric) for r in rows]
-        if None in values:
-            continue
-        ratio = max(values) / min(values)
-        result.extra[f"{key}_{metric}_max_over_min"] = ratio
-        bar = metric in ("build_s", "peak_rss_mib")
-        if bar:
-            result.extra[f"{key}_{metric}_within_20pct"] = ratio <= 1.2
-        said.append(f"{metric} {ratio:.2f}x" + ("" if not bar else " (within +-20%)" if ratio <= 1.2
-                                                 else " (NOT within +-20%)"))
-    result.notes.append(f"{what}, {shares} shards/rank: max/min of {', '.join(said)}")
+
+    def ratio(metric: str, best: bool) -> float | None:
+        values = [r.metrics.get(metric) for r in rows]
+        if any(v is None for v in values):
+            return None
+        values = [v.min if best and isinstance(v, Stats) else r.value(metric) for r, v in zip(rows, values)]
+        return max(values) / min(values)
+
+    build, rss = ratio("build_s", best=True), ratio("peak_rss_mib", best=False)
+    figures = {"build_s": build, "build_s_median": ratio("build_s", best=False),
+               "build_cpu_s": ratio("build_cpu_s", best=False), "first_batch_s": ratio("first_batch_s", best=True),
+               "peak_rss_mib": rss}
+    for name, value in figures.items():
+        if value is not None:
+            result.extra[f"{key}_{name}_max_over_min"] = value
+    result.extra[f"{key}_build_s_within_20pct"] = build <= 1.2
+    result.extra[f"{key}_peak_rss_mib_within_20pct"] = rss <= 1.2
+    verdict = " and ".join(f"{name} {value:.2f}x ({'within' if value <= 1.2 else 'NOT within'} +-20%)"
+                           for name, value in (("build time", build), ("peak RSS", rss)))
+    others = ", ".join(f"{name} {value:.2f}x" for name, value in (
+        ("build time of the medians", figures["build_s_median"]), ("build CPU time", figures["build_cpu_s"]),
+        ("first window", figures["first_batch_s"])) if value is not None)
+    line = f"{what}, {shares} shards/rank: max/min of {verdict}; also {others}"
+    result.notes.append(line)
+    result.markdown_extra = (result.markdown_extra + "\n" if result.markdown_extra else "") + f"- +-20% bar: {line}"
 
 
 def measure_loader(result: SuiteResult, work: Path, shard_counts: tuple[int, ...], window: int,
@@ -322,8 +341,10 @@ def measure_loader(result: SuiteResult, work: Path, shard_counts: tuple[int, ...
                f"W = {' / '.join(map(str, fixed_worlds))} ranks (the share alone grows)")
     parse = sorted((r.params["entries"], r.value("manifest_parse_s")) for r in result.rows if r.group == "manifest")
     if parse:
-        result.notes.append("manifest read (parse, no file check, after import torch): " + ", ".join(
-            f"{_label(n)} entries {t:.3f} s ({t / n * 1e6:.2f} us/entry)" for n, t in parse))
+        line = "manifest read (parse, no file check, after import torch and DALI): " + ", ".join(
+            f"{_label(n)} entries {t:.3f} s ({t / n * 1e6:.2f} us/entry)" for n, t in parse)
+        result.notes.append(line)
+        result.markdown_extra = (result.markdown_extra + "\n" if result.markdown_extra else "") + f"- {line}"
 
 
 # ----------------------------------------------------------------------------- sharder (benchmarks/scale_shards.py)
@@ -430,7 +451,7 @@ def run(ctx: Context) -> SuiteResult:
             60_000_000, 3
         loader_counts, window, single, timeout, single_timeout = (1_000, 10_000, 100_000), 256, (1_000, 10_000, 100_000), \
             420.0, 150.0
-        loader_repeats, fixed_worlds, manifest_sizes = 3, (100, 10, 1), (10_000, 100_000, 1_000_000)
+        loader_repeats, fixed_worlds, manifest_sizes = 5, (100, 10, 1), (10_000, 100_000, 1_000_000)
     config = {"samples_per_shard": SAMPLES_PER_SHARD, "local_batch": LOCAL_BATCH, "dealing_shards": shard_counts,
               "world_sizes": worlds, "old_dealing_budget": old_budget, "loader_shards_per_rank": loader_counts,
               "loader_window_shards": window, "loader_samples_per_shard": TINY_SAMPLES,
