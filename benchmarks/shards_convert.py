@@ -167,7 +167,8 @@ def _measure_class(result: SuiteResult, ctx: Context, label: str, corpus: list[b
         quality_db = Stats.of([psnr_db(d, ref) for d, ref in zip(decoded, references)])
         area_db = Stats.of([psnr_db(d, ref) for d, ref in zip(decoded, areas)]) if areas else None
         rate = Stats.of([len(corpus) / t for t in wall[name]])
-        result.add(f"{name} {label}", "conversion", {"size": label, "images": len(corpus), "workers": 1},
+        group = "baseline" if name == "naive PIL loop" else "conversion"
+        result.add(f"{name} {label}", group, {"size": label, "images": len(corpus), "workers": 1},
                    images_per_s=rate, images_per_s_per_core=rate, workers=1, psnr_db=quality_db, psnr_area_db=area_db,
                    images_per_cpu_s=Stats.of([len(corpus) / t for t in cpu[name]]), seconds=Stats.of(wall[name]))
     per_round = result.extra.setdefault("per_round_ratio", {})
