@@ -256,11 +256,12 @@ def _resize_kernel(factor: float) -> np.ndarray:
     """The filter applied along an axis shrunk by ``factor`` before bilinear sampling (see _decode_resize_jpeg).
 
     Pillow's bicubic kernel (a = -0.5) stretched by ``factor`` and sampled per source pixel, convolved with the
-    sharpening ``[-0.1, 1.2, -0.1]``, in steps of 1/128.
+    sharpening ``[-0.1, 1.2, -0.1]``, in steps of 1/128; end taps of at most one step are dropped (on the
+    benchmark's ~500x375 photos: 6% less time, PSNR against Lanczos +0.5 dB there, -0.3 dB on the sample photos).
 
     Returns:
-        float32 weights that are multiples of 1/128 summing to exactly 1 (the rounding remainder goes to the
-        centre), odd length, at most ``2 * ceil(2 * factor) + 3``; ``[1]`` where ``factor`` <= 1 (no resampling).
+        float32 weights that are multiples of 1/128 summing to exactly 1 (what is dropped or rounded off goes to
+        the centre), odd length, at most ``2 * ceil(2 * factor) + 3``; ``[1]`` where ``factor`` <= 1.
     """
     if factor <= 1:
         return np.ones(1, np.float32)
@@ -268,7 +269,9 @@ def _resize_kernel(factor: float) -> np.ndarray:
     x = np.abs(np.arange(-radius, radius + 1) / factor)
     bicubic = np.where(x < 1, (1.5 * x - 2.5) * x * x + 1, np.where(x < 2, ((-0.5 * x + 2.5) * x - 4) * x + 2, 0.0))
     weights = np.convolve(bicubic / bicubic.sum(), [-0.1, 1.2, -0.1])
-    steps = np.trim_zeros(np.round(weights * 128))  # symmetric, so still odd and centred
+    steps = np.round(weights * 128)
+    while len(steps) > 1 and abs(steps[0]) <= 1:  # end taps of one step: a filter pass each for ~nothing
+        steps = steps[1:-1]  # symmetric, so still odd and centred
     steps[len(steps) // 2] += 128 - steps.sum()
     return (steps / 128).astype(np.float32)
 
