@@ -220,8 +220,8 @@ def _decode_resize_jpeg(codecs: tuple[ModuleType, ModuleType], data: bytes, mode
     fast: a separable filter with Pillow's bicubic kernel stretched by the factor (what Pillow weighs around each
     output pixel) and a mild sharpening, then bilinear interpolation at the output positions. The sharpening
     (``[-0.1, 1.2, -0.1]``) offsets the bilinear step's own blur; 0.1 brought the output closest to Pillow's
-    (48 dB PSNR against it; 0, 0.15 and 0.2 gave 45, 47 and 45). Filter and bilinear cost 0.75 ms per ~500x375
-    photo against Pillow's 2 ms, for a PSNR 1.6 dB below Pillow's against a Lanczos reference and 0.6 dB below
+    (48 dB PSNR against it; 0, 0.15 and 0.2 gave 45, 47 and 45). Filter and bilinear cost 0.65 ms per ~500x375
+    photo against Pillow's 2 ms, for a PSNR 1.1 dB below Pillow's against a Lanczos reference and 1.4 dB below
     against an area average (docs/measured/cpu-2026-12-07-conversion); OpenCV's INTER_AREA took 1 ms, and plain
     bilinear aliases (30 dB against Lanczos on the most detailed sample photo).
 
