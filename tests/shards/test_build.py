@@ -116,6 +116,28 @@ def test_the_jpeg_conversion_path_is_recorded_and_never_mixed_on_resume(corpus, 
         build_shards([str(corpus)], tmp_path / "out", BuildOptions(samples_per_shard=PER_SHARD, workers=1,
                                                                     progress=False))
 
+def test_groups_written_before_the_recorded_conversion_path_still_resume(corpus, tmp_path, monkeypatch):
+    """Stats of a build made before ``path_column`` and ``conversion`` were recorded (it used Pillow) resume as
+    Pillow-path groups, not as groups "built with other options"."""
+    import shards.convert
+
+    monkeypatch.setattr(shards.convert, "fast_codecs", lambda: None)
+    options = BuildOptions(samples_per_shard=PER_SHARD, workers=1, progress=False)
+    out = tmp_path / "out"
+    build_shards([str(corpus)], out, options)
+    tars = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    stats_files = sorted(out.glob("*.stats.json"))
+    for path in stats_files:
+        stats = json.loads(path.read_text())
+        del stats["options"]["path_column"], stats["options"]["conversion"]
+        path.write_text(json.dumps(stats))
+    stats_files[-1].unlink()  # the old run was interrupted in its last group
+    (out / "manifest.json").unlink()
+    build_shards([str(corpus)], out, options)
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == tars
+    assert read_manifest(out).options["conversion"] == "pillow"
+
+
 @pytest.mark.slow
 def test_resume_after_kill_is_byte_identical(corpus, whole, tmp_path):
     """SIGKILL a real build process mid-run, rerun the same command: same shards, no duplicate, no loss."""
