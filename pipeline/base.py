@@ -265,10 +265,10 @@ class TrainLoader:
         kept = [i for i in window if self.shard_checks.check(i).usable]
         if kept:
             return kept
-        share = self.rank_pass(serial // self.windows_per_pass).shards
-        after = int(self.rank_pass(serial // self.windows_per_pass).bounds[serial % self.windows_per_pass + 1])
+        share = self.rank_pass(serial // self.windows_per_pass)
+        after = int(share.bounds[serial % self.windows_per_pass + 1])  # where the window ends in the share
         total = len(self.manifest.shards)
-        for candidates in (np.roll(share, -after), (np.arange(total) + window[0]) % total):
+        for candidates in (np.roll(share.shards, -after), (np.arange(total) + window[0]) % total):
             for i in candidates.tolist():
                 if self.shard_checks.check(i).usable:
                     kept.append(i)

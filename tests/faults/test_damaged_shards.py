@@ -226,6 +226,29 @@ def test_a_window_left_without_a_shard_reads_the_rest_of_the_pass(clean, tmp_pat
     assert sum(line.startswith("warning:") for line in capsys.readouterr().err.splitlines()) == 1
 
 
+def test_a_rank_dealt_only_an_unreadable_shard_reads_another(clean, tmp_path):
+    # One shard per rank: whichever rank is dealt the empty shard in a pass reads a readable shard of the manifest
+    # in its place, so all three ranks yield their batches (no rank stalls a collective, none fails).
+    root = damage.copy_corpus(clean, tmp_path / "shards")
+    _damage("zero_bytes", root)
+    cfg = make_cfg(root, "pytorch", batch_size_per_gpu=4, num_threads=1)
+    loaders = [build_train_loader(cfg, DistInfo(rank=r, world_size=3)) for r in range(3)]
+    try:
+        assert [loader.batches_per_pass for loader in loaders] == [4, 4, 4]
+        for loader in loaders:
+            for _ in range(2 * loader.batches_per_pass):
+                assert next(loader)[0].shape == (4, 3, 64, 64)
+        finders = _dealt_in(loaders[0], 2, 1)
+        assert [loader.dropped_shards for loader in loaders] == [
+            {str(root / f"{SHARD}.tar"): 16} if r in finders else {} for r in range(3)]
+        for r in finders:  # the shard it read instead: the next readable one of the manifest
+            p = next(p for p in range(2) if loaders[r].plan.rank_shards(p, r).tolist() == [1])
+            assert loaders[r].readable_window(p * loaders[r].windows_per_pass) == [2]
+    finally:
+        for loader in loaders:
+            loader.close()
+
+
 @pytest.mark.slow
 def test_ranks_of_a_process_group_check_their_own_windows(clean, tmp_path):
     # Real gloo ranks, no collective in the loader: each rank checks the shards of its own windows.
