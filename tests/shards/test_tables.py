@@ -262,3 +262,14 @@ def test_a_table_in_object_storage(s3_env, photo_dir, tmp_path):
     assert [(m["source"], m["caption"]) for m in metas] == [
         *[(f"s3://data/{k}", c) for k, c in zip(keys[:3], "abc")],
         *[(f"s3://data/{k}", f"c{i}") for i, k in enumerate(keys) if i >= 3]]
+
+
+def test_parts_of_remote_lists_and_tables_cover_every_row_once(s3_env, tmp_path):
+    """The buffered line reader over a remote file: seek to a part's byte range, then whole lines."""
+    names = [f"s3://data/img/{i:05d}.jpg" for i in range(3000)]
+    storage.write_bytes("s3://data/parts/l.txt", ("\n".join(names) + "\n").encode())
+    _write_csv(tmp_path / "t.csv", {"path": names, "caption": [f"c,{i}" for i in range(3000)]})
+    storage.put_file(tmp_path / "t.csv", "s3://data/parts/t.csv")
+    for url in ("s3://data/parts/l.txt", "s3://data/parts/t.csv"):
+        parts = [[s.id for s in iter_sources([url], (i, 3))] for i in range(3)]
+        assert [x for p in parts for x in p] == names and all(parts)
