@@ -234,8 +234,8 @@ def run_worker(shard_dir: Path, window_shards: int, out: Path, timeout: float, *
     return json.loads(out.read_text())
 
 
-_POINT_METRICS = ("build_s", "build_cpu_s", "construct_s", "first_batch_s", "peak_rss_mib", "import_rss_mib", "state_dict_s",
-                  "manifest_s", "manifest_parse_s")
+_POINT_METRICS = ("build_s", "build_cpu_s", "construct_s", "first_batch_s", "peak_rss_mib", "import_rss_mib",
+                  "state_dict_s", "manifest_s", "manifest_parse_s")
 
 
 def _add_point(result: SuiteResult, name: str, group: str, params: dict, points: list[dict]) -> bool:
@@ -449,8 +449,8 @@ def run(ctx: Context) -> SuiteResult:
     else:
         shard_counts, worlds, old_budget, repeats = (10_000, 100_000, 1_000_000), (8, 32, 128, 512, 1024, 4096), \
             60_000_000, 3
-        loader_counts, window, single, timeout, single_timeout = (1_000, 10_000, 100_000), 256, (1_000, 10_000, 100_000), \
-            420.0, 150.0
+        loader_counts, window, single = (1_000, 10_000, 100_000), 256, (1_000, 10_000, 100_000)
+        timeout, single_timeout = 420.0, 150.0
         loader_repeats, fixed_worlds, manifest_sizes = 5, (100, 10, 1), (10_000, 100_000, 1_000_000)
     config = {"samples_per_shard": SAMPLES_PER_SHARD, "local_batch": LOCAL_BATCH, "dealing_shards": shard_counts,
               "world_sizes": worlds, "old_dealing_budget": old_budget, "loader_shards_per_rank": loader_counts,

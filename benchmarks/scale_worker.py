@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     reset = _reset_peak()
     cfg = replace(Config(), data={
         "shards": args.shards_dir, "backend": args.backend, "dali_device": "cpu", "crop_size": args.crop,
-        "batch_size": args.batch, "batch_size_per_gpu": args.batch, "num_threads": args.threads, "shuffle_buffer": 4 * args.batch, "prefetch": 1,
+        "batch_size": args.batch, "batch_size_per_gpu": args.batch, "num_threads": args.threads,
+        "shuffle_buffer": 4 * args.batch, "prefetch": 1,
         "window_shards": args.window_shards, "channels_last": False})
     t0, cpu0 = time.perf_counter(), time.process_time()  # CPU time (all threads): less swayed by other processes
     try:
@@ -133,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         cause = next((line for line in reversed(lines) if "rror" in line), lines[-1] if lines else "")  # DALI: last
         result = {"ok": False, "error": f"{type(exc).__name__}: {lines[0] if lines else ''} ... {cause[:300]}",
-                  "after_s": time.perf_counter() - t0, "import_rss_mib": import_rss, "peak_rss_mib": _peak_rss_mib(reset)}
+                  "after_s": time.perf_counter() - t0, "import_rss_mib": import_rss,
+                  "peak_rss_mib": _peak_rss_mib(reset)}
     Path(args.out).write_text(json.dumps(result))
     return 0
 

@@ -27,10 +27,10 @@ same result up to clamping (:mod:`pipeline.dali_graph`); ranks with more samples
 common batch count rather than short ranks padded with repeats (:mod:`pipeline.assignment`); a corrupt
 sample is located by replaying the reader and excluded through a filtered copy of its index
 (:mod:`pipeline.dali_loader`); a damaged shard (truncated, 0 bytes, unusable index) is found by a cheap check
-(:mod:`shards.check`) when the reader of a window holding it is prepared, before that reader opens it, and its lost
-samples or the whole shard are left out, counted and named (:mod:`pipeline.shard_check`). DALI's shuffle buffer keeps reading across the end of a rank's shard list, so a pass
-may draw a few samples of the (identical) next round of those shards before the last of this
-one; the pass boundary is where the shards are re-dealt and the reader replaced (by one prepared ahead of the
+(:mod:`shards.check`) when the reader of a window holding it is prepared, before that reader opens it, and its
+lost samples or the whole shard are left out, counted and named (:mod:`pipeline.shard_check`). DALI's shuffle
+buffer keeps reading across the end of a rank's shard list, so a pass may draw a few samples of the (identical)
+next round of those shards before the last of this one; the pass boundary is where the shards are re-dealt and the reader replaced (by one prepared ahead of the
 boundary, so that a small corpus does not stall every few batches: :class:`pipeline.base.TrainLoader`).
 
 ``data.view_decode``: ``once`` (default) decodes each JPEG once and crops both views from it; ``roi`` decodes

@@ -19,10 +19,10 @@ once ``prepare_ahead`` batches of the window are left; the thread first checks t
 (``pipeline.shard_check``) and also runs the first batch, so at the boundary the loader only swaps pipelines
 (building at the boundary cost 0.4-2 s per pass on an H200). It is built from the same paths, filtered indexes
 and seeds as a build at the boundary, hence the same stream; if a corrupt sample found after it was started
-changes what the window's reader must leave out, it is thrown away and the boundary builds afresh. DALI allows this: the pipeline being
-defined is thread-local (``Pipeline.current()``), operator ids come from a locked counter, and separate
-pipelines may be built and run in separate threads (DALI's own multithreading tests run one pipeline per
-thread); the new pipeline is touched by the background thread only until the loader joins it.
+changes what the window's reader must leave out, it is thrown away and the boundary builds afresh. DALI allows
+this: the pipeline being defined is thread-local (``Pipeline.current()``), operator ids come from a locked
+counter, and separate pipelines may be built and run in separate threads (DALI's own multithreading tests run one
+pipeline per thread); the new pipeline is touched by the background thread only until the loader joins it.
 """
 
 from __future__ import annotations

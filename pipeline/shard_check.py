@@ -3,9 +3,9 @@
 What a check finds and what it costs is :mod:`shards.check` (a size lookup, the index parse, a few 512-byte reads).
 No shard is checked at start-up beyond those of the first window: a survey of every shard (rank 0 used to ``stat``
 all of them and broadcast its verdicts, then rebuild the manifest without the damaged ones) cost O(shards in the
-manifest) before the first batch: 7.7 s of the 15 s constructor at 100k shards per rank (cProfile). The plan therefore deals every shard the manifest lists, and a window's reader
-reads the window's shards less those found unreadable (``TrainLoader.readable_window``); readers cycle, so every
-rank still yields the same number of batches.
+manifest) before the first batch: 7.7 s of the 15 s constructor at 100k shards per rank (cProfile). The plan
+therefore deals every shard the manifest lists, and a window's reader reads the window's shards less those found
+unreadable (``TrainLoader.readable_window``); readers cycle, so every rank still yields the same number of batches.
 
 Checks may run in a background thread (the DALI loader prepares the next window's reader in one): verdicts are
 recorded under a lock, and the damaged ones are queued until the loader's own thread takes them

@@ -5,7 +5,8 @@ from benchmarks.scale import COLUMNS, _add_point, flat_check
 
 
 def _point(shards: int, build: float, rss: float) -> dict:
-    return {"ok": True, "shards": 100_000, "rank_shards": shards, "samples": 100 * shards, "world_size": 100_000 // shards,
+    return {"ok": True, "shards": 100_000, "rank_shards": shards, "samples": 100 * shards,
+            "world_size": 100_000 // shards,
             "windows_per_pass": -(-shards // 256), "batches_per_pass": 1, "window_shards": 256, "build_s": build,
             "build_cpu_s": build, "construct_s": build / 2, "first_batch_s": build / 2, "peak_rss_mib": rss,
             "import_rss_mib": 700.0, "state_dict_s": 0.001, "manifest_s": 0.4, "manifest_parse_s": 0.2}
