@@ -30,8 +30,9 @@ sample is located by replaying the reader and excluded through a filtered copy o
 (:mod:`shards.check`) when the reader of a window holding it is prepared, before that reader opens it, and its
 lost samples or the whole shard are left out, counted and named (:mod:`pipeline.shard_check`). DALI's shuffle
 buffer keeps reading across the end of a rank's shard list, so a pass may draw a few samples of the (identical)
-next round of those shards before the last of this one; the pass boundary is where the shards are re-dealt and the reader replaced (by one prepared ahead of the
-boundary, so that a small corpus does not stall every few batches: :class:`pipeline.base.TrainLoader`).
+next round of those shards before the last of this one; the pass boundary is where the shards are re-dealt and
+the reader replaced (by one prepared ahead of the boundary, so that a small corpus does not stall every few
+batches: :class:`pipeline.base.TrainLoader`).
 
 ``data.view_decode``: ``once`` (default) decodes each JPEG once and crops both views from it; ``roi`` decodes
 only each view's crop window, paying the entropy decoding twice. ``benchmarks/decode_strategies.py`` measures both
