@@ -54,8 +54,8 @@ class DataConfig:
         "once", "DALI views: decode once and crop twice (recommended, see pipeline/__init__.py) or ROI-decode per view.")
     RENAMED: ClassVar[dict[str, str]] = {"max_bad_batches": "max_bad_samples"}
     max_bad_samples: int = _f(
-        1000, "Abort after this many corrupt samples (summed over ranks) were skipped: a sign the shards are broken. "
-        "Counted in samples, checked every --log-every steps. (Was max_bad_batches.)")
+        1000, "Abort after this many corrupt samples were skipped: a sign the shards are broken. Counted in samples, "
+        "each damaged one once over ranks and passes, checked every --log-every steps. (Was max_bad_batches.)")
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ from model import MoCo, autocast_dtype, build_optimizer, lr_at, momentum_at
 from pipeline import build_train_loader
 from pipeline.assignment import ShardPlan
 from shards.manifest import read_manifest
+from training.bad_data import BadDataLedger
 from training.checkpoint import Checkpointer, CheckpointWriteError, NonFiniteState
 from training.metrics import MetricsWindow, TrainingFault, check_window
 from training.preemption import PreemptionHandler, requeue_slurm_job
@@ -87,6 +88,21 @@ def train_step(model: MoCo, optimizer: torch.optim.Optimizer, scaler: torch.amp.
     scaler.step(optimizer)
     scaler.update()
     return {"loss": out.loss.detach(), "acc1": out.acc1.detach(), "acc5": out.acc5.detach()}
+
+
+def read_log_window(window: MetricsWindow, loader, bad_data: BadDataLedger) -> dict[str, float]:
+    """The window's metrics reduced over ranks (the loop's only host sync), with ``bad_samples``: the damaged
+    samples of the run, each counted once over ranks and passes (``training.bad_data``).
+
+    The metrics' all-reduce also sums the damaged items the ranks hold that the ledger lacks; the same sum on every
+    rank says whether all of them exchange the items' names (a second collective) or none, so a run on sound data
+    pays nothing more.
+    """
+    unseen = bad_data.unseen(loader.dropped_shards, loader.bad_sample_locations)
+    logged = window.read(unshared_bad_items=len(unseen))
+    if logged.pop("unshared_bad_items"):
+        bad_data.gather(unseen)
+    return {**logged, "bad_samples": bad_data.count}
 
 
 def set_schedule(optimizer: torch.optim.Optimizer, step: int, total_steps: int, cfg: Config,
@@ -217,6 +233,7 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> dict:
 
     # ------------------------------------------------------------------ data
     loader = build_train_loader(cfg, dist)
+    bad_data = BadDataLedger(loader.manifest.root)  # what max_bad_samples counts: damage seen by any rank, once
 
     # ------------------------------------------------------------------ model and optimizer
     model = place_model(MoCo(cfg.model), cfg, dist)
@@ -225,7 +242,7 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> dict:
     # ------------------------------------------------------------------ resume
     step, pairs_seen, run_id = 0, 0, None
     if resume_state is not None:
-        point = restore(resume_path, resume_state, dist, model, optimizer, scaler, loader)
+        point = restore(resume_path, resume_state, dist, model, optimizer, scaler, loader, bad_data)
         step, pairs_seen, run_id = point.step, point.pairs_seen, point.wandb_run_id
         del resume_state
     knn = build_knn_monitor(cfg, dist) if cfg.run.knn_every else None
@@ -234,7 +251,8 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> dict:
                        wandb_entity=cfg.run.wandb_entity, run_id=run_id)
     checkpointer = Checkpointer(ckpt_dir, cfg.run.keep_checkpoints, dist, config_lib.to_dict(cfg), model, optimizer,
                                 scaler, loader, run_id=logger.run_id, start_step=step if resume_path else None,
-                                on_saved=logger.log_checkpoint_artifact if cfg.run.wandb_log_checkpoints else None)
+                                on_saved=logger.log_checkpoint_artifact if cfg.run.wandb_log_checkpoints else None,
+                                bad_data=bad_data)
     if dist.is_main:
         print(f"world size {dist.world_size}, device {dist.device}, global batch {global_batch}, "
               f"peak lr {peak_lr:.4g}, {total_steps} steps, loader {type(loader).__name__}", flush=True)
@@ -256,12 +274,11 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> dict:
             pairs_seen += global_batch
             logger.advance(step)  # the progress bar moves every step; nothing is read from the device
             if step % cfg.run.log_every == 0 or step == total_steps:
-                logged = window.read(bad_samples=loader.bad_samples)  # the loop's only host sync; summed over ranks
+                logged = read_log_window(window, loader, bad_data)  # the loop's only host sync
                 logger.log(step, {**logged, "lr": lr, "momentum": momentum, "pairs_seen": pairs_seen,
                                   **gpu_memory(dist.device)})
                 logger.record_step_time(logged["step_time_s"])
-                check_window(step, logged, cfg.data.max_bad_samples, checkpointer.last_path,
-                             loader.bad_sample_locations)
+                check_window(step, logged, cfg.data.max_bad_samples, checkpointer.last_path, bad_data.examples())
             if knn is not None and step % cfg.run.knn_every == 0:
                 with window.paused():  # evaluation is not training time: kept out of pairs/s and step time
                     logger.log_eval(step, {"knn_top1": knn.evaluate(model.encoder_q.backbone)}, chance=knn.chance_top1)
@@ -283,8 +300,8 @@ def _train(cfg: Config, dist: distributed.DistInfo) -> dict:
     # ------------------------------------------------------------------ summary
     summary = {"steps": step, "pairs_seen": pairs_seen, "world_size": dist.world_size, "global_batch": global_batch,
                "device": str(dist.device), "preempted": preemption.stop_signal is not None,
-               "stop_signal": preemption.signal_name or None, "bad_samples": loader.bad_samples,
-               "wandb_run_id": logger.run_id}
+               "stop_signal": preemption.signal_name or None, "bad_samples": bad_data.count,
+               "bad_shards": bad_data.shards, "wandb_run_id": logger.run_id}  # the final checkpoint's gather counted all
     if logger.history:
         summary.update(final_loss=logger.history[-1]["loss"], first_loss=logger.history[0]["loss"],
                        mean_pairs_per_s=sum(h["pairs_per_s"] for h in logger.history) / len(logger.history),

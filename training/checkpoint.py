@@ -1,7 +1,8 @@
 """Checkpoints: one dict with everything needed to resume exactly, written atomically by rank 0, loaded without pickle.
 
 A checkpoint holds the model (both encoders, heads, queue and pointer), optimiser, grad scaler, step, pairs seen,
-every rank's data-loader position and RNG states, the resolved config and the W&B run id. :class:`Checkpointer`
+every rank's data-loader position and RNG states, the run's distinct damaged data (``training.bad_data``), the
+resolved config and the W&B run id. :class:`Checkpointer`
 gathers the ranks' parts and rank 0 writes them to a temporary file, fsyncs and renames it, so a reader sees a
 complete checkpoint or none; the newest ``keep`` are kept. A write that cannot succeed leaves the earlier
 checkpoints as they were: free space is checked first (against the last checkpoint's size), a failed write removes
@@ -180,15 +181,19 @@ class Checkpointer:
         run_id: the W&B run id, stored so a resumed run continues the same W&B run.
         start_step: the step of the checkpoint this run resumed from (it needs no second write), or None.
         on_saved: called on rank 0 with (path, step) after each write (e.g. upload as a W&B artifact).
+        bad_data: the run's ledger of damaged data (:class:`training.bad_data.BadDataLedger`), or None. Each
+            save's gather also exchanges what the ranks found since the last log point, so the ledger written is
+            complete (the ``loader`` must then have ``dropped_shards`` and ``bad_sample_locations``).
     """
 
     def __init__(self, directory: str | os.PathLike, keep: int, dist: Any, config: dict[str, Any],
                  model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loader: Any,
-                 run_id: str | None = None, start_step: int | None = None, on_saved: Any = None):
+                 run_id: str | None = None, start_step: int | None = None, on_saved: Any = None,
+                 bad_data: Any = None):
         self.directory = Path(directory)
         self.keep, self.dist, self.config = keep, dist, config
         self.model, self.optimizer, self.scaler, self.loader = model, optimizer, scaler, loader
-        self.run_id, self.on_saved = run_id, on_saved
+        self.run_id, self.on_saved, self.bad_data = run_id, on_saved, bad_data
         if dist.is_main:
             for path in sweep_temporary_files(self.directory):
                 print(f"removed {path.name}, left by a checkpoint write that was interrupted", flush=True)
@@ -203,8 +208,13 @@ class Checkpointer:
             NonFiniteState: the weights are NaN or infinite (nothing is written).
             CheckpointWriteError: the write failed (nothing is left half-written).
         """
+        unseen = [] if self.bad_data is None else self.bad_data.unseen(self.loader.dropped_shards,
+                                                                       self.loader.bad_sample_locations)
         parts = distributed.all_gather_object({"loader": self.loader.state_dict(),
-                                                "rng": capture_rng_state(self.dist.device)})
+                                                "rng": capture_rng_state(self.dist.device), "bad_data": unseen})
+        if self.bad_data is not None:
+            for part in parts:  # on every rank, in rank order: the ledgers stay identical
+                self.bad_data.merge(part["bad_data"])
         failure = None
         if self.dist.is_main:
             model_state = self.model.state_dict()
@@ -219,6 +229,7 @@ class Checkpointer:
                     "step": step, "pairs_seen": pairs_seen, "loader": [p["loader"] for p in parts],
                     "rng": [p["rng"] for p in parts], "config": self.config, "wandb_run_id": self.run_id,
                     "world_size": self.dist.world_size,
+                    **({"bad_data": self.bad_data.state_dict()} if self.bad_data is not None else {}),
                 }, self.directory, step, self.keep)
             except (NonFiniteState, CheckpointWriteError) as exc:
                 failure = exc

@@ -28,7 +28,7 @@ class NonFiniteLoss(TrainingFault):
 
 
 class TooManyBadSamples(TrainingFault):
-    """More corrupt samples were skipped, over all ranks, than ``data.max_bad_samples`` allows."""
+    """More distinct corrupt samples were skipped, over all ranks and passes, than ``data.max_bad_samples`` allows."""
 
 
 class MetricsWindow:
@@ -80,8 +80,8 @@ class MetricsWindow:
         This is the only place the host waits for the device in the loop (a collective every rank reaches).
 
         Args:
-            counts: host-side counters of this rank (e.g. ``bad_samples``), summed over ranks in the same
-                all-reduce as the metrics.
+            counts: host-side counters of this rank (e.g. damaged items it has not shared yet), summed over ranks
+                in the same all-reduce as the metrics.
 
         Returns:
             Each metric's mean over the window and the ranks, each count's sum over ranks, ``pairs_per_s``,
@@ -107,19 +107,20 @@ class MetricsWindow:
 
 
 def check_window(step: int, logged: dict[str, float], max_bad_samples: int, last_checkpoint: object,
-                 bad_sample_locations: list[str]) -> None:
+                 bad_examples: list[str]) -> None:
     """Stop the run on what a log window shows (every rank sees the same reduced values, so all stop together).
 
     Args:
         step: the step the window ends at.
-        logged: :meth:`MetricsWindow.read` with ``bad_samples`` counted.
+        logged: :meth:`MetricsWindow.read` with ``bad_samples``, the run's distinct lost samples
+            (``training.bad_data.BadDataLedger.count``, the same on every rank).
         max_bad_samples: ``data.max_bad_samples``.
         last_checkpoint: the newest checkpoint on disk (named in the message), or None.
-        bad_sample_locations: this rank's corrupt samples (a few are named).
+        bad_examples: a few of the damaged shards and samples, from any rank (named in the message).
 
     Raises:
         NonFiniteLoss: the mean loss is NaN or infinite.
-        TooManyBadSamples: more than ``max_bad_samples`` corrupt samples were skipped over all ranks.
+        TooManyBadSamples: more than ``max_bad_samples`` distinct corrupt samples were skipped over all ranks.
     """
     if not math.isfinite(logged["loss"]):
         kept = f"the last good checkpoint {last_checkpoint} is kept" if last_checkpoint else "no checkpoint was written"
@@ -128,5 +129,5 @@ def check_window(step: int, logged: dict[str, float], max_bad_samples: int, last
     if logged.get("bad_samples", 0) > max_bad_samples:
         raise TooManyBadSamples(
             f"{logged['bad_samples']} corrupt samples skipped (> data.max_bad_samples={max_bad_samples}): the shards "
-            f"look broken, e.g. {', '.join(bad_sample_locations[:3]) or '(on another rank)'}; check them with "
+            f"look broken, e.g. {', '.join(bad_examples[:3])}; check them with "
             "`python -m shards verify`, or raise --max-bad-samples")

@@ -168,11 +168,14 @@ def load_resume_state(resume: str, directory: str | os.PathLike, config: dict[st
 
 
 def restore(path: Path, state: dict[str, Any], dist: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler, loader: Any) -> ResumePoint:
-    """Load model, optimiser, scaler, this rank's loader position and RNG state from a checkpoint.
+            scaler: torch.amp.GradScaler, loader: Any, bad_data: Any = None) -> ResumePoint:
+    """Load model, optimiser, scaler, this rank's loader position and RNG state, and the run's damaged data
+    (into ``bad_data``, a :class:`training.bad_data.BadDataLedger`, when given) from a checkpoint.
 
-    A checkpoint written by another number of ranks restores the weights and optimiser only: the data order
-    restarts (said on stderr), since loader positions and RNG streams are per rank.
+    A checkpoint written by another number of ranks restores the weights, optimiser and damaged data only: the data
+    order restarts (said on stderr), since loader positions and RNG streams are per rank. The damaged data found so
+    far still counts towards ``data.max_bad_samples`` (a checkpoint written before the ledger existed has none; its
+    loaders' own logs are shared at the first log point).
 
     Returns:
         The step, pairs seen and W&B run id to continue from.
@@ -180,6 +183,8 @@ def restore(path: Path, state: dict[str, Any], dist: Any, model: torch.nn.Module
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
+    if bad_data is not None and "bad_data" in state:
+        bad_data.load_state_dict(state["bad_data"])
     if len(state["loader"]) == dist.world_size:
         loader.load_state_dict(state["loader"][dist.rank])
         restore_rng_state(state["rng"][dist.rank], dist.device)

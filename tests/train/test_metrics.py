@@ -77,5 +77,5 @@ def test_window_checks_stop_on_a_non_finite_loss_and_on_too_many_bad_samples():
         with pytest.raises(NonFiniteLoss, match=r"loss is (nan|inf) .* step 20: training diverged; the last good "
                                                 r"checkpoint ck/step-000000010.pt is kept"):
             check_window(20, {"loss": bad, "bad_samples": 0}, 3, "ck/step-000000010.pt", [])
-    with pytest.raises(TooManyBadSamples, match=r"4 corrupt samples skipped \(> data.max_bad_samples=3\).*a.tar:512:x"):
-        check_window(20, {"loss": 4.2, "bad_samples": 4}, 3, None, ["a.tar:512:x.jpg"])
+    with pytest.raises(TooManyBadSamples, match=r"4 corrupt samples skipped \(> data.max_bad_samples=3\).*a.tar:x"):
+        check_window(20, {"loss": 4.2, "bad_samples": 4}, 3, None, ["root/a.tar:x.jpg"])
