@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -251,7 +252,8 @@ def test_a_rank_dealt_only_an_unreadable_shard_reads_another(clean, tmp_path):
 
 @pytest.mark.slow
 def test_ranks_of_a_process_group_check_their_own_windows(clean, tmp_path):
-    # Real gloo ranks, no collective in the loader: each rank checks the shards of its own windows.
+    # Real gloo ranks, no collective in the loader: each rank checks the shards of its own windows. Seed 0 deals the
+    # empty shard to both ranks (pass 0 and pass 1): each counts it, the exchanged ledger counts it once.
     root = damage.copy_corpus(clean, tmp_path / "shards")
     _damage("zero_bytes", root)
     proc = run_torchrun(Path(__file__).with_name("dist_worker_damaged.py"), nproc=2,
@@ -260,7 +262,8 @@ def test_ranks_of_a_process_group_check_their_own_windows(clean, tmp_path):
     assert [s["batches_per_pass"] for s in seen] == [4, 4] and [s["pass"] for s in seen] == [2, 2]
     assert all(s["shapes"] == [[4, 3, 64, 64]] for s in seen)
     finders = [r for r in range(2) if seen[r]["dealt_shard_1"]]
-    assert finders and [s["bad"] for s in seen] == [16 * (r in finders) for r in range(2)]
+    assert finders == [0, 1] and [s["bad"] for s in seen] == [16, 16]
+    assert [(s["ledger"], s["ledger_count"]) for s in seen] == [([[f"{SHARD}.tar", "", 16]], 16)] * 2
     assert all(s["dropped"] == ([str(root / f"{SHARD}.tar")] if r in finders else []) for r, s in enumerate(seen))
     said = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("warning:")]
     assert len(said) == len(finders) and all("empty file (0 bytes)" in line for line in said)
@@ -332,3 +335,36 @@ def test_train_runs_to_the_end_on_a_damaged_corpus(clean, tmp_path):
     assert len(warnings) == 2 and "train-000001.tar: truncated" in warnings[0] and "train-000002" in warnings[1]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["bad_samples"] == len(lost) + 16
+
+
+@pytest.mark.slow
+def test_two_ranks_count_a_shard_they_both_drop_once_and_a_resume_keeps_the_count(clean, tmp_path):
+    # Seed 0 deals the emptied shard to rank 1 in pass 0 and to rank 0 in pass 1 (4 steps a pass): both drop it, and
+    # the run counts its 16 samples once, so --max-bad-samples 16 lets it finish (a sum over ranks, 32, stopped it).
+    root = damage.copy_corpus(clean, tmp_path / "shards")
+    damage.empty_file(root / f"{SHARD}.tar")
+    run_dir = tmp_path / "run"
+    args = ["--shards", root, "--run-dir", run_dir, "--arch", "resnet18", "--crop-size", 32, "--batch-size", 8,
+            "--split-bn-groups", 2, "--queue-size", 16, "--num-threads", 1, "--shuffle-buffer", 8, "--log-every", 2,
+            "--checkpoint-every-minutes", 0, "--image-log-every", 0, "--wandb-mode", "disabled", "--device", "cpu",
+            "--backend", "pytorch", "--seed", 0, "--max-bad-samples", 16]
+    proc = run_torchrun(REPO / "train.py", nproc=2, args=[*map(str, args), "--total-steps", "6"], timeout=300)
+    said = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert sorted(line.split(":")[1] for line in said) == [" rank 0", " rank 1"], said
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["bad_samples"] == 16 and summary["bad_shards"] == 1
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["bad_samples"] for r in logged if "loss" in r] == [16, 16, 16]
+    state = torch.load(run_dir / "checkpoints" / f"step-{6:09d}.pt", weights_only=True)
+    assert [list(s["dropped_shards"].values()) for s in state["loader"]] == [[16], [16]]
+    assert state["bad_data"] == {"items": [[f"{SHARD}.tar", "", 16]]}
+    # One rank now, the shard repaired: no loader state is restored (another world size) and nothing is found
+    # again, yet the count carries on from the checkpoint.
+    shutil.copyfile(clean / f"{SHARD}.tar", root / f"{SHARD}.tar")
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, args), "--total-steps", "8"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "data order restarts" in proc.stderr and SHARD not in proc.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["world_size"] == 1 and summary["bad_samples"] == 16
