@@ -3,6 +3,7 @@
     python -m benchmarks run --suite scale --out results/            # full: 10k / 100k / 1M shards, W 8 to 4,096
     python -m benchmarks run --suite scale --quick --out results/q   # < 2 min on 2 CPU cores
     python -m benchmarks run --suite scale --only loader --out results/  # one part: dealing, loader or sharder
+    python -m benchmarks run --suite scale --only manifest --out results/  # the manifest read curve alone
 
 Four curves (``scale.json``; ``scale_dealing.png``, ``scale_loader.png`` and, when measured, ``scale_shards.png``):
 
@@ -25,8 +26,9 @@ Four curves (``scale.json``; ``scale_dealing.png``, ``scale_loader.png`` and, wh
   shows the median (min-max) of those processes, and the build's CPU time.
 * **Manifest read time vs manifest size** (10k, 100k, 1M entries, fabricated: no files): ``read_manifest``
   without the file check, in a process that imported torch and DALI as training does; the O(manifest) part of
-  every rank's start-up (it deals from the whole list). The loader rows add ``manifest_s``: the read with the
-  check that every file exists (one directory listing).
+  every rank's start-up (it deals from the whole list), and the bytes per entry the read keeps (every rank holds
+  the whole manifest) and needs at its peak (the parsed JSON), by tracemalloc. The loader rows add
+  ``manifest_s``: the read with the check that every file exists (one directory listing).
 * **Sharder part memory vs input count**, when ``benchmarks/scale_shards.py`` exists. Its contract:
   ``measure(out_dir: Path, quick: bool) -> dict`` returning ``{"rows": [{"name": str, "params": {...}, "metrics":
   {"peak_rss_mib": float, ...}}, ...], "notes": [str, ...], "skipped": [{"name", "reason"}]}`` (``notes`` and
@@ -65,6 +67,7 @@ COLUMNS = [
     Column("construct_s", "construct s", "{:,.2f}"),
     Column("manifest_s", "manifest read s", "{:,.2f}"),
     Column("manifest_parse_s", "manifest parse s", "{:,.3f}"),
+    Column("bytes_per_entry", "manifest B/entry", "{:,.0f}"),
     Column("part_rss_mib", "part RSS over warm-up MiB", "{:,.1f}"),  # sharder rows (benchmarks/scale_shards.py)
     Column("bytes_per_image", "dedup B/image", "{:,.1f}"),
     Column("us_per_image", "CPU µs/image", "{:,.2f}"),
@@ -296,11 +299,11 @@ def flat_check(result: SuiteResult, group: str, key: str, what: str) -> None:
 
 def measure_loader(result: SuiteResult, work: Path, shard_counts: tuple[int, ...], window: int,
                    single_reader_counts: tuple[int, ...], timeout: float, single_timeout: float, repeats: int,
-                   fixed_worlds: tuple[int, ...], manifest_sizes: tuple[int, ...]) -> None:
+                   fixed_worlds: tuple[int, ...]) -> None:
     """Rows ``loader <N> shards/rank`` (windows of ``window`` shards; the manifest is the share), ``... single
     reader`` (the old structure, given ``single_timeout`` seconds: one reader over 100k shards fails only after
-    minutes of indexing), ``loader <M>-shard manifest W=<W>`` (the largest manifest dealt to ``fixed_worlds``
-    ranks) and ``manifest read <N> entries``."""
+    minutes of indexing) and ``loader <M>-shard manifest W=<W>`` (the largest manifest dealt to ``fixed_worlds``
+    ranks)."""
     for n in shard_counts:
         shard_dir = linked_shards(work, n)
         for single in (False, True):
@@ -326,23 +329,33 @@ def measure_loader(result: SuiteResult, work: Path, shard_counts: tuple[int, ...
         points = [run_worker(linked_shards(work, total), window, out, timeout, "--world-size", str(world))
                   for _ in range(repeats)]
         _add_point(result, name, "loader_fixed", {"window_shards": window}, points)
+    flat_check(result, "loader", "windowed", "manifest = the rank's share (it grows with the share)")
+    flat_check(result, "loader_fixed", "fixed_manifest", f"one {_label(total)}-shard manifest dealt to "
+               f"W = {' / '.join(map(str, fixed_worlds))} ranks (the share alone grows)")
+
+
+def measure_manifest_read(result: SuiteResult, work: Path, manifest_sizes: tuple[int, ...], timeout: float,
+                          repeats: int) -> None:
+    """Rows ``manifest read <N> entries``: read time, and bytes per entry kept and at the peak."""
     for entries in manifest_sizes:
         name = f"manifest read {_label(entries)} entries"
         out = work / "scale" / f"manifest-{entries}.json"
-        point = run_worker(fabricated_manifest(work, entries), window, out, timeout, "--manifest-only",
+        point = run_worker(fabricated_manifest(work, entries), 1, out, timeout, "--manifest-only",
                            "--repeats", str(max(repeats, 3)))
         if not point["ok"]:
             result.skip(name, f"failed: {point['error']}")
             continue
         result.add(name, "manifest", {"entries": entries}, manifest_parse_s=point["manifest_parse_s"],
-                   us_per_entry=point["manifest_parse_s"] / entries * 1e6)
-    flat_check(result, "loader", "windowed", "manifest = the rank's share (it grows with the share)")
-    flat_check(result, "loader_fixed", "fixed_manifest", f"one {_label(total)}-shard manifest dealt to "
-               f"W = {' / '.join(map(str, fixed_worlds))} ranks (the share alone grows)")
-    parse = sorted((r.params["entries"], r.value("manifest_parse_s")) for r in result.rows if r.group == "manifest")
+                   us_per_entry=point["manifest_parse_s"] / entries * 1e6,
+                   bytes_per_entry=point["manifest_bytes_per_entry"],
+                   peak_bytes_per_entry=point["manifest_peak_bytes_per_entry"])
+    parse = sorted((r.params["entries"], r.value("manifest_parse_s"), r.value("bytes_per_entry"),
+                    r.value("peak_bytes_per_entry")) for r in result.rows if r.group == "manifest")
     if parse:
-        line = "manifest read (parse, no file check, after import torch and DALI): " + ", ".join(
-            f"{_label(n)} entries {t:.3f} s ({t / n * 1e6:.2f} us/entry)" for n, t in parse)
+        line = "manifest read (parse, no file check, after import torch and DALI; memory kept per entry, and the " \
+            "peak while the JSON is parsed, by tracemalloc): " + ", ".join(
+                f"{_label(n)} entries {t:.3f} s ({t / n * 1e6:.2f} us/entry, {kept:.0f} B/entry kept, "
+                f"{peak:.0f} B/entry peak)" for n, t, kept, peak in parse)
         result.notes.append(line)
         result.markdown_extra = (result.markdown_extra + "\n" if result.markdown_extra else "") + f"- {line}"
 
@@ -463,13 +476,15 @@ def run(ctx: Context) -> SuiteResult:
     # fork and keeps it across exec), and the old dealing of 1M shards grows this process past 1 GB.
     if ctx.selects("sharder"):
         measure_sharder(result, ctx.work_dir, ctx.quick)
-    if not ctx.selects("loader"):
+    if not (ctx.selects("loader") or ctx.selects("manifest")):
         pass
     elif importlib.util.find_spec("nvidia.dali") is None:
         result.skip("loader build vs shards per rank", "nvidia-dali is not installed")
     else:
-        measure_loader(result, ctx.work_dir, loader_counts, window, single, timeout, single_timeout, loader_repeats,
-                       fixed_worlds, manifest_sizes)
+        if ctx.selects("loader"):
+            measure_loader(result, ctx.work_dir, loader_counts, window, single, timeout, single_timeout,
+                           loader_repeats, fixed_worlds)
+        measure_manifest_read(result, ctx.work_dir, manifest_sizes, timeout, loader_repeats)
     if ctx.selects("dealing"):
         measure_dealing(result, shard_counts, worlds, old_budget, repeats)
     written = plot_curves(result, ctx.out_dir)

@@ -83,9 +83,29 @@ def main(argv: list[str] | None = None) -> int:
             times.append(time.perf_counter() - t)
         return min(times)
 
+    def manifest_memory() -> tuple[int, int]:
+        """Bytes the manifest read keeps (what every rank holds while it trains) and its peak (the parsed JSON)."""
+        import gc
+        import tracemalloc
+
+        gc.collect()
+        tracemalloc.start()  # after the timed reads: tracing slows allocation
+        try:
+            manifest = read_manifest(args.shards_dir, check_files=False)
+            gc.collect()
+            kept, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        del manifest
+        return kept, peak
+
     if args.manifest_only:
         entries = len(read_manifest(args.shards_dir, check_files=False).shards)
-        Path(args.out).write_text(json.dumps({"ok": True, "entries": entries, "manifest_parse_s": read_time(False)}))
+        parse_s = read_time(False)
+        kept, peak = manifest_memory()
+        Path(args.out).write_text(json.dumps({"ok": True, "entries": entries, "manifest_parse_s": parse_s,
+                                              "manifest_bytes_per_entry": kept / entries,
+                                              "manifest_peak_bytes_per_entry": peak / entries}))
         return 0
 
     torch.set_num_threads(1)

@@ -95,8 +95,8 @@ class TrainLoader:
         self.manifest: Manifest = read_manifest(cfg.data.shards)  # raises naming a missing shard or index file
         self.shard_checks = ShardChecks(self.manifest)
         self.local_batch_size = global_batch(cfg, dist.world_size) // dist.world_size
-        self.plan = ShardPlan(np.array([s.samples for s in self.manifest.shards], dtype=np.int64), dist.world_size,
-                              cfg.run.seed)
+        # The samples column as it is stored: no ShardEntry made per shard (1.3 us each, O(manifest) per rank).
+        self.plan = ShardPlan(self.manifest.shards.samples, dist.world_size, cfg.run.seed)
         self.window_shards = cfg.data.window_shards
         self.windows_per_pass = self.plan.windows_per_pass(self.window_shards)
         self.batches_per_pass = self.plan.batches_per_pass(self.local_batch_size, self.window_shards)

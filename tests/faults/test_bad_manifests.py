@@ -40,6 +40,9 @@ def _manifest_with(shard_dir: Path, tmp_path: Path, **fields) -> Path:
     ({"index": None}, "lacks index"),
     ({"tar": 7}, "tar must be a file name, got 7"),
     ({"checksum": "abc"}, "has unknown fields checksum"),
+    ({"stats": ["a.json"]}, "stats must be a file name or empty, got ['a.json']"),
+    ({"bytes": 1 << 63}, f"bytes must be below 2**63, got {1 << 63}"),
+    ({"max_sample_bytes": -1}, "max_sample_bytes must be an integer >= 0, got -1"),
 ])
 def test_bad_shard_fields_are_named(shard_dir, tmp_path, fields, says):
     root = _manifest_with(shard_dir, tmp_path, **fields)
@@ -86,8 +89,8 @@ def test_train_says_one_line_and_exits_2(photo_dir, tmp_path):
 
 
 def test_entries_read_fast_are_the_checked_dataclass(shard_dir, tmp_path):
-    # read_manifest builds entries without ShardEntry.__init__ (O(shards) per rank): they must be the same values,
-    # defaults included, and behave as the frozen dataclass does.
+    # read_manifest keeps the entries as columns (shards.shard_table, O(shards) per rank): the entries it gives back
+    # must be the same values, defaults included, and behave as the frozen dataclass does.
     import dataclasses
 
     from shards.manifest import ShardEntry
