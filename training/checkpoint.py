@@ -208,10 +208,13 @@ class Checkpointer:
             NonFiniteState: the weights are NaN or infinite (nothing is written).
             CheckpointWriteError: the write failed (nothing is left half-written).
         """
+        # The loader's state first: taking it counts the damage its checks ahead of a window found meanwhile, which
+        # the ledger must then hold too.
+        loader_state = self.loader.state_dict()
         unseen = [] if self.bad_data is None else self.bad_data.unseen(self.loader.dropped_shards,
                                                                        self.loader.bad_sample_locations)
-        parts = distributed.all_gather_object({"loader": self.loader.state_dict(),
-                                                "rng": capture_rng_state(self.dist.device), "bad_data": unseen})
+        parts = distributed.all_gather_object({"loader": loader_state, "rng": capture_rng_state(self.dist.device),
+                                                "bad_data": unseen})
         if self.bad_data is not None:
             for part in parts:  # on every rank, in rank order: the ledgers stay identical
                 self.bad_data.merge(part["bad_data"])

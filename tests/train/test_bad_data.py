@@ -99,3 +99,27 @@ def test_the_checkpoint_keeps_the_ledger_and_a_resume_on_other_ranks_restores_it
     resumed = BadDataLedger("/data")
     restore(path, state, DistInfo(rank=0, world_size=2), model, optimizer, scaler, None, resumed)
     assert resumed.items == ledger.items and resumed.count == 17
+
+
+def test_a_checkpoint_counts_damage_a_check_ahead_of_its_window_found(clean, tmp_path):
+    # The DALI loader checks the next window's shards in its preparing thread; the loader's thread counts that damage
+    # only later (in next() or state_dict()). A checkpoint taken in between must still hold it in its ledger.
+    root = damage.copy_corpus(clean, tmp_path / "shards")
+    cfg = make_cfg(root, "pytorch", batch_size_per_gpu=4, num_threads=1, window_shards=1)
+    loader = build_train_loader(cfg, DistInfo())
+    ledger = BadDataLedger(loader.manifest.root)
+    try:
+        ahead = int(loader.window_shards_of(1)[0])  # not checked at construction (only window 0 is)
+        damage.empty_file(root / loader.manifest.shards[ahead].tar)
+        assert loader.shard_checks.check(ahead).damaged and loader.dropped_shards == {}  # found, not yet counted
+        model = torch.nn.Linear(4, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        checkpointer = Checkpointer(tmp_path / "ckpt", 2, DistInfo(), {}, model, optimizer, scaler, loader,
+                                    bad_data=ledger)
+        state = load_checkpoint(checkpointer.save(1, 4))
+    finally:
+        loader.close()
+    name = loader.manifest.shards[ahead].tar
+    assert list(state["loader"][0]["dropped_shards"].values()) == [16]  # the loader's own log has it ...
+    assert state["bad_data"] == {"items": [[name, "", 16]]} and ledger.count == 16  # ... and so does the ledger
