@@ -250,11 +250,6 @@ def class_names(inputs: list[str], exclude: str | os.PathLike | None = None) -> 
     return sorted(names)
 
 
-def read_source(source: Source) -> bytes:
-    """The encoded bytes of ``source`` (raises OSError when they cannot be read)."""
-    return read_sample(source)[0]
-
-
 def read_sample(source: Source) -> tuple[bytes, dict[str, bytes]]:
     """The encoded image bytes of ``source`` and its carried tar members by extension, from one open file.
 
