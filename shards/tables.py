@@ -108,9 +108,12 @@ def first_path(path: str, column: str) -> Any:
     """The path cell of the first row among the first few (None if there is none): checked before a build starts."""
     if path.lower().endswith(".parquet"):
         with _parquet(path, small=True) as table:
-            if not table.metadata.num_rows:
+            meta = table.metadata
+            # The first group that holds a row: a streaming writer that flushed before its first row leaves empty ones.
+            group = next((g for g in range(meta.num_row_groups) if meta.row_group(g).num_rows), None)
+            if group is None:
                 return None
-            batch = next(table.iter_batches(batch_size=1, row_groups=[0], columns=[column]))
+            batch = next(table.iter_batches(batch_size=1, row_groups=[group], columns=[column]))
             return batch.column(0)[0].as_py()
     text = b"".join(first_lines(path, 16)).decode("utf-8", "surrogateescape").removeprefix("\ufeff")
     try:

@@ -221,6 +221,19 @@ def test_http_urls_are_refused_wherever_they_appear(photo_dir, tmp_path, capsys)
     assert 0 < len(list((tmp_path / "o-later").glob("*.stats.json"))) <= 64 // 8  # resumable, as after a kill
 
 
+def test_the_first_path_of_a_parquet_table_skips_empty_row_groups(tmp_path):
+    # A streaming writer that flushes before its first row leaves row group 0 empty; the check before a build
+    # used to ask that group for its first row and crash with a bare StopIteration.
+    table = pa.table({"url": ["http://example.com/x.jpg", "b.jpg"], "caption": ["a", "b"]})
+    with pq.ParquetWriter(tmp_path / "t.parquet", table.schema) as writer:
+        writer.write_table(table.slice(0, 0))
+        writer.write_table(table)
+    assert pq.ParquetFile(tmp_path / "t.parquet").metadata.row_group(0).num_rows == 0
+    assert tables.first_path(str(tmp_path / "t.parquet"), "url") == "http://example.com/x.jpg"
+    with pytest.raises(InputError, match="http.s. URLs are not downloaded"):
+        list(iter_sources([str(tmp_path / "t.parquet")]))
+
+
 def test_parts_of_a_table_build_and_merge_into_every_row_once(photo_dir, tmp_path):
     photos = _photos(photo_dir)
     table = tmp_path / "photos.parquet"
