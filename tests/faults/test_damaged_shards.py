@@ -139,7 +139,7 @@ def test_corrupt_member_header_loses_nothing(clean, tmp_path):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_resume_is_exact_on_a_damaged_corpus(clean, tmp_path, backend):
-    # Shard 1 cut (found by the survey) and shard 2's index garbled (found when the reader is built).
+    # Shard 1 cut and shard 2's index garbled, each found when the reader of a window holding it is prepared.
     root = damage.copy_corpus(clean, tmp_path / "shards")
     _damage("cut_in_data", root)
     damage.garble_index(root / "train-000002.idx")
