@@ -58,6 +58,7 @@ from shards.groups import (
     staging_dir,
     stats_name,
     stats_payload,
+    with_added_options,
     write_group_stats,
 )
 from shards.manifest import MANIFEST_NAME, Manifest, ShardEntry, write_json_atomic
@@ -258,10 +259,6 @@ def _refuse_old_layout(out: Path | str, prefix: str) -> None:
         raise BuildError(f"{out} holds shards of an older layout ({old.name}); build into a new --out")
 
 
-# Options recorded since a release, with the value every earlier build had: groups written before them still resume.
-_ADDED_OPTIONS = {"path_column": "", "conversion": "pillow"}
-
-
 def _keep_complete_groups(out: Path, ns: str, options: BuildOptions, sources: Iterator[Source],
                           tally: _Tally) -> tuple[int, int]:
     """Walk the complete groups of an earlier run (a prefix), consuming their sources; return (group, seq) after."""
@@ -273,7 +270,7 @@ def _keep_complete_groups(out: Path, ns: str, options: BuildOptions, sources: It
         if stats is None:
             return group, seq
         path = storage.join(out, stats_name(ns, group))
-        if {**_ADDED_OPTIONS, **stats.get("options", {})} != recorded:
+        if with_added_options(stats.get("options", {})) != recorded:  # groups of older releases still resume
             raise BuildError(f"{path} was built with other options ({stats.get('options')}); use a new --out")
         names = [shard_stem(ns, seq + k) for k in range(len(stats.get("shards", [])))]
         if not shards_present(out, stats, names):

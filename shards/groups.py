@@ -181,6 +181,16 @@ def remove_after(directory: Path | str, ns: str, group: int, seq: int) -> int:
     return removed
 
 
+# Options recorded since a release, with the value every earlier build had: a stats file or part manifest written
+# before one of them was recorded was built with that value (the Pillow path, no table column).
+ADDED_OPTIONS = {"path_column": "", "conversion": "pillow"}
+
+
+def with_added_options(recorded: dict[str, Any]) -> dict[str, Any]:
+    """``recorded`` (the options of a stats file or part manifest) with each of ADDED_OPTIONS it lacks filled in."""
+    return {**ADDED_OPTIONS, **recorded}
+
+
 def shard_entries(stats: dict[str, Any], ns: str, group: int) -> list[ShardEntry]:
     return [ShardEntry(**{**s, "stats": stats_name(ns, group)}) for s in stats["shards"]]
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from shards import storage
 from shards.digests import DIGEST_SIZE, DigestSet, decode_digests, encode_digests, prefix_slice
-from shards.groups import GroupWriter, namespace, stats_name, stats_payload, write_group_stats
+from shards.groups import GroupWriter, namespace, stats_name, stats_payload, with_added_options, write_group_stats
 from shards.manifest import MANIFEST_NAME, Manifest, ManifestError, ShardEntry, read_manifest, write_json_atomic
 from shards.writer import Framed, read_index
 
@@ -190,6 +190,7 @@ def _load_parts(paths: list[str]) -> list[_Part]:
             raw = json.loads(path.read_text())
             i, n = (int(x) for x in raw["options"]["part"].split("/"))
             int(raw["options"]["groups"])
+            raw["options"] = with_added_options(raw["options"])  # a part of an older release merges with newer ones
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ManifestError(f"{path} is not a part manifest of this version ({exc})") from None
         parts.append(_Part(i, n, path, raw))

@@ -138,6 +138,24 @@ def test_groups_written_before_the_recorded_conversion_path_still_resume(corpus,
     assert read_manifest(out).options["conversion"] == "pillow"
 
 
+def test_a_part_built_before_the_recorded_conversion_path_merges_with_newer_parts(corpus, tmp_path, monkeypatch):
+    """The merge reads part manifests that lack ``path_column`` and ``conversion`` as a resume reads such stats:
+    the Pillow path with no column, so they join newer Pillow-path parts instead of being refused."""
+    import shards.convert
+
+    monkeypatch.setattr(shards.convert, "fast_codecs", lambda: None)
+    shared = tmp_path / "shared"
+    for i in range(2):
+        build_shards([str(corpus)], shared, _opts(part=(i, 2)))
+    old = shared / "manifest.part-0000-of-0002.json"  # part 0 as the code before the two options wrote it
+    raw = json.loads(old.read_text())
+    del raw["options"]["path_column"], raw["options"]["conversion"]
+    old.write_text(json.dumps(raw))
+    merged = merge_manifests([str(shared)], shared)
+    assert merged.total_samples == 53 and merged.options["conversion"] == "pillow"
+    assert merged.options["path_column"] == ""
+
+
 @pytest.mark.slow
 def test_resume_after_kill_is_byte_identical(corpus, whole, tmp_path):
     """SIGKILL a real build process mid-run, rerun the same command: same shards, no duplicate, no loss."""
