@@ -53,7 +53,7 @@ class RunOptions:
                              "the embedded photos, ~500x375; needs scikit-image).", metavar="DIR")
     only: str = option("", "Measure only the configurations whose name matches this regular expression (model: "
                            "'compile|ours bf16\\+cl$', with their plain-step references; pipeline: 'batch=256'; "
-                           "e2e: 'DALI GPU|PyTorch'; scale: the parts 'dealing', 'loader', 'sharder').",
+                           "e2e: 'DALI GPU|PyTorch'; scale: the parts 'dealing', 'loader', 'manifest', 'sharder').",
                      metavar="REGEX")
     torch_threads: int = option(0, "Torch intra-op threads. 0: usable cores / local ranks, except --quick on a CPU: "
                                    "1, because on a shared 2-core machine two OpenMP threads that spin-wait for each "
