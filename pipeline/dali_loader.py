@@ -198,6 +198,18 @@ class DaliLoader(TrainLoader):
                                      lambda: self._make_pipe(upcoming, 0, bad))
 
     def _start_window(self) -> bool:
+        switched = self._switch_to_next()
+        self._keep_index_copies()  # no thread is preparing a window now
+        return switched
+
+    def _keep_index_copies(self) -> None:
+        """Drop the local index copies (object storage) of every window but the current one: a restart after a
+        corrupt sample rebuilds its reader from them, and the next window's are fetched as it is prepared, so at most
+        two windows' copies are on disk (DALI parses a reader's index files when it is built)."""
+        self.manifest.keep_index_copies(self.readable_window(self.window_serial))
+
+    def _switch_to_next(self) -> bool:
+        """Retire the last window's pipeline and take the one prepared ahead for this window, if it still fits."""
         holder, self._pipe, self._first = [self._pipe], None, None
         self.retirer.retire(holder)  # its shutdown waits for batches it prefetched beyond the window
         self.restarts = 0
@@ -327,6 +339,7 @@ class DaliLoader(TrainLoader):
         self._drop_pipe()
         self.restarts = int(state["restarts"])
         self.restart_at = int(state["restart_at"])
+        self._keep_index_copies()
         blob = state["dali_checkpoint"]
         if blob.numel():
             self._pipe = self._make_pipe(self.window_serial, self.restarts, self.bad,
@@ -341,3 +354,5 @@ class DaliLoader(TrainLoader):
         if getattr(self, "_index_dir", None) is not None:
             shutil.rmtree(self._index_dir, ignore_errors=True)
             self._index_dir = None
+        if getattr(self, "manifest", None) is not None:
+            self.manifest.index_copies.close()

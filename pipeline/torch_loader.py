@@ -215,10 +215,17 @@ class TorchLoader(TrainLoader):
         self.retirer.retire(holder)
         self.consumed = [0] * self._num_streams(self.window_serial)
         upcoming, self._next = self._next, None
+        # The retired window's workers have read all they will; this window's index copies stay (its workers read
+        # them as they open each tar), the next window's are fetched when it is opened ahead: at most two windows'.
+        self._keep_index_copies()
         if upcoming is not None and upcoming[0] == self.window_serial:
             self._iter = upcoming[1]
             return True
         return False
+
+    def _keep_index_copies(self) -> None:
+        """Drop the local index copies (object storage) of every window but the current one."""
+        self.manifest.keep_index_copies(self.readable_window(self.window_serial))
 
     def _shutdown(self) -> None:
         self._iter = None
@@ -247,6 +254,9 @@ class TorchLoader(TrainLoader):
     def _load_backend_state(self, state: dict[str, Any]) -> None:
         self._shutdown()
         self.consumed = [int(c) for c in state["consumed"]]
+        self._keep_index_copies()
 
     def close(self) -> None:
         self._shutdown()
+        if getattr(self, "manifest", None) is not None:
+            self.manifest.index_copies.close()

@@ -9,7 +9,8 @@
      "options": {...the build options...}, "classes": ["cat", "dog"] or null}
 
 The directory may be an object-storage prefix (``s3://bucket/shards``, see ``shards.storage``): shard paths are
-then URLs, and index files are read from local copies made once per process.
+then URLs, and index files are read from local copies (``Manifest.index_copies``), which the loaders keep for the
+current and the next window only.
 
 Each sample in a tar is ``<key>.jpg`` (RGB JPEG) + ``<key>.json`` (source path, original size, hash) and,
 for labelled sets, ``<key>.cls`` (the class index as ASCII text). ``pattern`` is the one brace pattern that names
@@ -54,6 +55,9 @@ class Manifest:
     options: dict[str, Any] = field(default_factory=dict)
     classes: list[str] | None = None
     root: Path | str = Path(".")  # directory (or s3:// / gs:// prefix) the paths resolve against (not serialised)
+    # Local copies of index files in object storage (not serialised): made when asked for, dropped by the reader.
+    index_copies: storage.LocalCopies = field(default_factory=lambda: storage.LocalCopies("moco-index-copies-"),
+                                              compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.shards = ShardTable.from_entries(self.shards)
@@ -75,9 +79,16 @@ class Manifest:
         return storage.join(self.root, shard.tar)
 
     def index_path(self, shard: ShardEntry) -> Path:
-        """A local path of the shard's index file; in object storage, a copy made once per process (DALI's
-        webdataset reader opens s3:// tars itself but parses index files from local disk only)."""
-        return storage.local_copy(self.index_url(shard))
+        """A local path of the shard's index file; in object storage, a copy in ``index_copies`` (DALI's webdataset
+        reader opens s3:// tars itself but parses index files from local disk only), fetched unless it is kept."""
+        url = self.index_url(shard)
+        return self.index_copies.get(url) if storage.is_url(url) else url
+
+    def keep_index_copies(self, shards: list[int]) -> int:
+        """Delete the local copies of index files but those of ``shards`` (indices into ``shards``); returns how
+        many went. A reader calls it as it retires a window: a copy is ~63 B per sample, and kept for every shard
+        read they would grow to tens of GB per rank over an epoch of a billion images."""
+        return self.index_copies.keep_only({self.index_url(self.shards[i]) for i in shards})
 
     def index_url(self, shard: ShardEntry) -> Path | str:
         """Where the index file is (a URL string in object storage), without fetching it."""

@@ -15,14 +15,14 @@ callers keep one code path:
 * what cannot work is a one-line :class:`StorageError` naming the URL: an unsupported or malformed URL (``s3:/b``
   as a ``Path`` join makes it, which must never become a local folder named ``s3:``), a missing bucket, refused
   credentials, an unreachable endpoint. A missing object is a ``FileNotFoundError`` naming it.
-* ``local_copy`` downloads a small object (an index file) once per process into a temporary folder removed at
-  exit: DALI's webdataset reader opens ``s3://`` tars itself but parses its index files with a local
-  ``std::ifstream`` only.
+* ``LocalCopies`` downloads small objects (index files) into a temporary folder, once until they are dropped
+  (the loaders keep those of the current and the next window: ~63 B per sample each, tens of GB per rank over an
+  epoch of a billion images if all were kept), and ``local_copy`` once per process: DALI's webdataset reader
+  opens ``s3://`` tars itself but parses its index files with a local ``std::ifstream`` only.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import hashlib
 import os
@@ -30,6 +30,7 @@ import re
 import shutil
 import tempfile
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -410,32 +411,83 @@ def download(path: str | os.PathLike, local: str | os.PathLike) -> Path:
     return local
 
 
-_cache_lock = threading.Lock()
-_cache: dict[str, Path] = {}
-_cache_dir: list[Path] = []  # [folder] once made, with the id of the process that removes it at exit
+class LocalCopies:
+    """Local copies of small remote files (index files), each fetched on first use and kept until dropped.
+
+    The copies live in a temporary folder, made on the first fetch and removed by :meth:`close`, when this object
+    is collected, or at exit, only by the process that made it (forked DataLoader workers see the parent's copies and
+    leave them alone). A copy made for ``s3://b/x.idx`` is ``<folder>/<hash of the URL>-x.idx``. Thread-safe.
+
+    Args:
+        prefix: the temporary folder's name prefix.
+    """
+
+    def __init__(self, prefix: str = "moco-remote-copies-"):
+        self.prefix = prefix
+        self.fetches = 0  # objects downloaded (a dropped copy asked for again is fetched again)
+        self._copies: dict[str, Path] = {}
+        self._folder: Path | None = None
+        self._lock = threading.Lock()
+        self._cleanup: Any = None
+
+    def get(self, url: str) -> Path:
+        """The local copy of ``url``, fetched (one GET) unless a copy is kept."""
+        with self._lock:
+            found = self._copies.get(url)
+            if found is not None and found.is_file():
+                return found
+            if self._folder is None:
+                self._folder = Path(tempfile.mkdtemp(prefix=self.prefix))
+                self._cleanup = weakref.finalize(self, _remove_folder, self._folder, os.getpid())
+            digest = hashlib.blake2b(url.encode(), digest_size=8).hexdigest()
+            out = self._folder / f"{digest}-{name(url)}"
+            tmp = out.with_name(f".{out.name}.part-{os.getpid()}-{threading.get_ident()}")
+            tmp.write_bytes(read_bytes(url))
+            os.replace(tmp, out)
+            self._copies[url] = out
+            self.fetches += 1
+            return out
+
+    def keep_only(self, urls: set[str]) -> int:
+        """Delete every copy but those of ``urls`` (fetched again if asked for later); returns how many went."""
+        with self._lock:
+            dropped = [url for url in self._copies if url not in urls]
+            for url in dropped:
+                self._copies.pop(url).unlink(missing_ok=True)
+            return len(dropped)
+
+    @property
+    def folder(self) -> Path | None:
+        """The folder holding the copies (None before the first fetch and after ``close``)."""
+        return self._folder
+
+    def kept(self) -> list[Path]:
+        """The copies on disk now."""
+        with self._lock:
+            return [path for path in self._copies.values() if path.is_file()]
+
+    def close(self) -> None:
+        """Delete every copy and the folder (a later ``get`` makes a new one)."""
+        with self._lock:
+            if self._cleanup is not None:
+                self._cleanup()
+            self._copies, self._folder, self._cleanup = {}, None, None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return LocalCopies, (self.prefix,)  # in another process: copies of its own, made as it needs them
+
+
+def _remove_folder(folder: Path, owner: int) -> None:
+    if os.getpid() == owner:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+_process_copies = LocalCopies()
 
 
 def local_copy(path: str | os.PathLike) -> Path:
-    """A local file with the content of ``path``: the path itself when local, else a copy made once per process.
-
-    The copies live in a temporary folder that the process that made it removes at exit (forked DataLoader
-    workers see the parent's copies and leave them alone).
-    """
+    """A local file with the content of ``path``: the path itself when local, else a copy made once per process
+    (kept until exit: for a few files; a reader of many keeps its own :class:`LocalCopies` and drops them)."""
     if not is_url(path):
         return Path(path)
-    with _cache_lock:
-        found = _cache.get(path)
-        if found is not None and found.is_file():
-            return found
-        if not _cache_dir:
-            folder = Path(tempfile.mkdtemp(prefix="moco-remote-copies-"))
-            _cache_dir.append(folder)
-            owner = os.getpid()
-            atexit.register(lambda: os.getpid() == owner and shutil.rmtree(folder, ignore_errors=True))
-        digest = hashlib.blake2b(path.encode(), digest_size=8).hexdigest()
-        out = _cache_dir[0] / f"{digest}-{name(path)}"
-        tmp = out.with_name(f".{out.name}.part-{os.getpid()}-{threading.get_ident()}")
-        tmp.write_bytes(read_bytes(path))
-        os.replace(tmp, out)
-        _cache[path] = out
-        return out
+    return _process_copies.get(path)

@@ -153,22 +153,85 @@ def test_verify_names_a_truncated_tar_and_a_missing_index_in_object_storage_as_l
 
 
 # ---------------------------------------------------------------------------------------------- the loaders' reads
-def test_the_dali_loader_fetches_each_index_once_per_run_and_one_get_per_sample(s3_env, local_shards):
-    """Five passes over s3:// shards (a DALI reader built per pass): each index is one GET for the whole run, each
-    tar one HEAD per reader build, and DALI reads a sample with one ranged GET (no read-ahead on S3)."""
+def _index_fetches_expected(loader, serials: list[int]) -> dict[str, int]:
+    """Index GETs per index object path that a loader makes when it takes up windows ``serials`` in this order and
+    keeps the local index copies of the current and the next window only: a shard's index is fetched when a window
+    reads it and the window taken up before did not (a shard in windows s and s + 1 is not fetched again; one read
+    again after a gap is)."""
+    windows = [set(loader.readable_window(s)) for s in serials]
+    expected: dict[str, int] = {}
+    for k, shards in enumerate(windows):
+        for i in shards - (windows[k - 1] if k else set()):
+            key = "/" + str(loader.manifest.index_url(loader.manifest.shards[i])).split("://", 1)[1]
+            expected[key] = expected.get(key, 0) + 1
+    return expected
+
+
+def test_the_dali_loader_fetches_each_index_once_per_window_build_and_one_get_per_sample(s3_env, local_shards):
+    """Five passes over s3:// shards in windows of 2 shards (a DALI reader built per window, 15 windows): an index is
+    one GET each time a window reads its shard after a window that did not (its local copy is dropped when the
+    window that read it is retired: only the current and the next window's copies are kept, so a billion-image
+    epoch does not pile up ~63 B per sample on local disk), never one per sample or step; each tar is one HEAD per
+    reader build, and DALI reads a sample with one ranged GET (no read-ahead on S3)."""
     pytest.importorskip("nvidia.dali")
     from tests.pipeline.helpers import make_cfg, take
 
     url = "s3://data/dali-reads"
     _upload(local_shards, url)
     with s3_env.recording() as requests:
-        take(make_cfg(url, "dali"), 30)  # 30 batches of 8 pairs: 5 passes over the 48 samples
+        # 30 batches of 8 pairs: 5 passes over the 48 samples, 3 windows (2 batches each) per pass
+        _batches, loader = take(make_cfg(url, "dali", window_shards=2), 30)
         recorded = requests()
+    assert loader.window_serial == 14 and loader.windows_per_pass == 3
     gets = _get_counts(recorded)
     idx_gets = {path: n for path, n in gets.items() if path.endswith(".idx")}
-    assert len(idx_gets) == 6 and set(idx_gets.values()) == {1}
+    expected = _index_fetches_expected(loader, list(range(16)))  # window 15 was prepared ahead after the 30th batch
+    assert idx_gets == expected and len(idx_gets) == 6
+    # Fetched again after a gap (the bound is exercised), and never more often than the windows read the shard (16).
+    assert max(idx_gets.values()) > 1 and sum(idx_gets.values()) < 16 * 2
     tar_heads = sum(method == "HEAD" and path.endswith(".tar") for method, path, _ in recorded)
-    assert tar_heads >= 5 * 6  # a reader build opens every shard again: the index did not come with it
+    assert tar_heads >= 15 * 2  # a reader build opens its shards again: the index did not come with it
     ranges = [r for method, path, r in recorded if method == "GET" and path.endswith(".tar") and r]
     jpg_sizes = {int(r.split("-")[1]) - int(r.split("=")[1].split("-")[0]) + 1 for r in ranges}
     assert len(ranges) >= 5 * 48 and max(jpg_sizes) < 64 << 10  # one GET of one JPEG member each, not a block
+
+
+@pytest.mark.parametrize("backend", ["dali", "pytorch"])
+def test_local_index_copies_stay_within_two_windows_and_a_resume_fetches_them_again(backend, s3_env, local_shards):
+    """Over 4 passes of 3 windows on s3://, the loader's local index copies on disk never exceed the current and the
+    next window's (2 x 2 shards) and are gone once it is closed; a resume into a window whose copies were dropped
+    fetches what it reads again (each once per window taken up) and continues the same stream."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    import torch
+
+    from distributed import DistInfo
+    from pipeline import build_train_loader
+    from tests.pipeline.helpers import make_cfg, take
+
+    url = f"s3://data/copies-{backend}"
+    _upload(local_shards, url)
+    cfg = make_cfg(url, backend, window_shards=2, num_threads=1)
+    loader = build_train_loader(cfg, DistInfo())
+    copies = loader.manifest.index_copies
+    try:
+        batches, most, state = [], 0, None
+        for step in range(26):  # 13 windows of 2 batches
+            batches.append(next(loader)[0])
+            on_disk = [p for p in copies.folder.iterdir() if not p.name.startswith(".")]  # not a fetch in flight
+            assert len(on_disk) <= 2 * 2, (step, sorted(p.name for p in on_disk))
+            most = max(most, len(on_disk))
+            if step == 13:
+                state = loader.state_dict()  # after 14 batches: the end of window 6
+        folder = copies.folder
+    finally:
+        loader.close()
+    assert most == 2 * 2 and not folder.exists()  # two windows' worth at times, nothing left behind
+
+    with s3_env.recording() as requests:
+        resumed, again = take(cfg, 12, state=state)
+        recorded = requests()
+    assert all(torch.equal(a, b[0]) for a, b in zip(batches[14:], resumed))
+    fetched = {path: n for path, n in _get_counts(recorded).items() if path.endswith(".idx")}
+    # Taken up: window 0 (checked as the loader is made), 6 (the resumed position), then 7 to 13 (13 prepared ahead).
+    assert again.window_serial == 12 and fetched == _index_fetches_expected(again, [0, *range(6, 14)])
