@@ -111,8 +111,9 @@ class Manifest:
         """
         if storage.is_url(self.root):
             try:
-                # One listing, not one request per file; its sizes kept for the loaders' size checks of the shards.
-                present = {path for path, _size in storage.list_files(self.root, remember_sizes=True)}
+                # One listing, not one request per file. Its sizes are not kept: a shard cut or replaced later must
+                # show its new size to the shard check.
+                present = {path for path, _size in storage.list_files(self.root)}
             except storage.StorageError as exc:
                 raise ManifestError(str(exc)) from None
             for shard in self.shards:

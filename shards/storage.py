@@ -161,15 +161,10 @@ def exists(path: str | os.PathLike) -> bool:
             return False
 
 
-_sizes: dict[str, int] = {}  # URL -> bytes, from listings made with remember_sizes (dropped when we write it)
-
-
 def size(path: str | os.PathLike) -> int:
     """Bytes of the file at ``path`` (FileNotFoundError when there is none)."""
     if not is_url(path):
         return os.stat(path).st_size
-    if path in _sizes:
-        return _sizes[path]
     fs, key = filesystem(path)
     with _errors(path):
         return int(fs.size(key))
@@ -236,8 +231,7 @@ def open_file(path: str | os.PathLike, readahead: int = 0) -> IO[bytes] | _Remot
         return _RemoteFile(path, fs.open(key, "rb", **cache))
 
 
-def list_files(prefix: str | os.PathLike, page_size: int = LIST_PAGE,
-               remember_sizes: bool = False) -> Iterator[tuple[str | Path, int]]:
+def list_files(prefix: str | os.PathLike, page_size: int = LIST_PAGE) -> Iterator[tuple[str | Path, int]]:
     """Every file under the folder or prefix ``prefix`` (recursively), in key order, with its size in bytes.
 
     A generator that holds one page of the listing at a time, not the whole of it (a prefix of a billion-image
@@ -249,8 +243,6 @@ def list_files(prefix: str | os.PathLike, page_size: int = LIST_PAGE,
     Args:
         prefix: local folder or URL prefix (``s3://bucket/shards``: the keys under ``shards/``).
         page_size: keys per listing request (S3 returns at most 1,000).
-        remember_sizes: keep the sizes listed, so that ``size`` of these files costs no further request (for a
-            manifest's few hundred thousand shard files; not for a corpus of images).
     """
     if not is_url(prefix):
         check_url(prefix)
@@ -261,10 +253,7 @@ def list_files(prefix: str | os.PathLike, page_size: int = LIST_PAGE,
     pages = _s3_pages(fs, key, page_size) if hasattr(fs, "call_s3") else _walk_fsspec(fs, key.rstrip("/"))
     with _errors(prefix):  # the store's failures while listing (no bucket, refused credentials) as one line
         for key_found, nbytes in pages:
-            url = f"{scheme}://{key_found}"
-            if remember_sizes:
-                _sizes[url] = nbytes
-            yield url, nbytes
+            yield f"{scheme}://{key_found}", nbytes
 
 
 def _s3_pages(fs: Any, key: str, page_size: int) -> Iterator[tuple[str, int]]:
@@ -357,7 +346,6 @@ def put_file(local: str | os.PathLike, path: str | os.PathLike) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         return
-    _sizes.pop(path, None)
     fs, key = filesystem(path)
     with _errors(path):
         fs.put_file(os.fspath(local), key)  # one PUT, or a multipart upload published only once complete
@@ -374,7 +362,6 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         return
-    _sizes.pop(path, None)
     fs, key = filesystem(path)
     with _errors(path):
         fs.pipe_file(key, data)
@@ -385,7 +372,6 @@ def remove(path: str | os.PathLike) -> None:
     if not is_url(path):
         Path(path).unlink(missing_ok=True)
         return
-    _sizes.pop(path, None)
     fs, key = filesystem(path)
     with _errors(path):
         try:
