@@ -175,12 +175,12 @@ def check_machine(cfg: Config) -> None:
 
 def check_batch_fits(cfg: Config, world_size: int, global_batch: int) -> None:
     """Every rank must be able to fill one local batch per pass from its share of the shards."""
-    sizes = [s.samples for s in read_manifest(cfg.data.shards).shards]
+    sizes = read_manifest(cfg.data.shards).shards.samples  # a column, not one entry object per shard
     fewest = min(ShardPlan(sizes, world_size, cfg.run.seed).rank_samples(0))
     local = global_batch // world_size
     if fewest < local:
         raise ConfigError(
-            f"data.batch_size={global_batch} is more than the data can fill: {sum(sizes)} samples in {len(sizes)} "
+            f"data.batch_size={global_batch} is more than the data can fill: {int(sizes.sum())} samples in {len(sizes)} "
             f"shards give the smallest of {world_size} rank(s) {fewest} per pass, fewer than its batch of {local}; "
             "use a smaller --batch-size or more data")
 
