@@ -285,6 +285,9 @@ def flat_check(result: SuiteResult, group: str, key: str, what: str) -> None:
     for name, value in figures.items():
         if value is not None:
             result.extra[f"{key}_{name}_max_over_min"] = value
+    if build is None or rss is None:  # a point without its build time or RSS: no verdict, said so
+        result.notes.append(f"{what}: +-20% bar not judged (a point lacks its build time or peak RSS)")
+        return
     result.extra[f"{key}_build_s_within_20pct"] = build <= 1.2
     result.extra[f"{key}_peak_rss_mib_within_20pct"] = rss <= 1.2
     verdict = " and ".join(f"{name} {value:.2f}x ({'within' if value <= 1.2 else 'NOT within'} +-20%)"

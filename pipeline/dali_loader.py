@@ -281,7 +281,7 @@ class DaliLoader(TrainLoader):
             found = [loc for loc in self._scan_failed_batch() if self.note_bad_sample(loc)]
         except Exception:  # noqa: BLE001 - the reader itself fails: a shard changed on disk after it was checked
             found = self._recheck_shards()
-        if not found:  # too many bad samples is train.py's call (data.max_bad_samples, summed over ranks)
+        if not found:  # too many bad samples is train.py's call (data.max_bad_samples, each item counted once over ranks)
             raise RuntimeError(f"DALI pipeline failed (no corrupt sample could be identified; {self.bad.bad_batches} "
                                "batches lost): "
                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
