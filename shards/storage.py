@@ -299,7 +299,7 @@ def _walk_local(folder: Path) -> Iterator[tuple[Path, int]]:
     except (FileNotFoundError, NotADirectoryError):
         return
     for entry in entries:
-        if entry.is_dir(follow_symlinks=True):
+        if entry.is_dir(follow_symlinks=False):  # as rglob did: a symlink back up the tree must not loop
             yield from _walk_local(Path(entry.path))
         elif entry.is_file():
             yield Path(entry.path), entry.stat().st_size
