@@ -81,8 +81,9 @@ class TrainLoader:
 
     Start-up costs the same whatever the rank's share: the manifest read (O(shards in the manifest), inherent:
     every rank deals from the whole list), one plan, and the checks of the first window's shards. Every other
-    shard is checked when a window holding it is prepared (``pipeline.shard_check``), so a damaged shard is found
-    then: counted, said once on stderr, and left out of that window's reader.
+    shard is checked when a window holding it is prepared (``pipeline.shard_check``; both backends check in a
+    background thread, off the training thread), so a damaged shard is found then: counted and said once on stderr
+    by the loader's thread (:meth:`_note_found`), and left out of that window's reader.
     """
 
     backend = ""
@@ -339,7 +340,7 @@ class TrainLoader:
 
     def _prepare_next_window(self) -> None:
         """Start preparing the reader of window ``next_window(window_serial)`` (called after every batch near the
-        end of a window: a no-op when it is already under way)."""
+        end of a window: when it is already under way, a no-op or a look at whether a step of it is done)."""
 
     def _backend_state(self) -> dict[str, Any]:
         return {}

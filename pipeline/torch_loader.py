@@ -15,16 +15,22 @@ at once, when the window ends
 5 s per worker). Even idle, a forked worker takes tens of milliseconds to exit (the kernel tears down its
 copy of this process's address space), so the finished window's DataLoader is shut down in a background thread
 (``TrainLoader.retirer``).
-The next window's DataLoader is started ``prepare_ahead`` batches before the end of the window, so its workers
-are forked and have their first batches ready by the boundary. The fork itself still runs on this thread (in the
-window, no longer at the boundary): forking from another thread would hold the GIL all the same.
+The next window is prepared from ``prepare_ahead`` batches before the end of the window, so its workers are forked
+and have their first batches ready by the boundary. Its shards are checked first (``pipeline.shard_check``), in a
+background thread: on object storage that is a size request and ~4 small reads per shard, ~1,000 requests for a
+window of 256 shards, which stalled the training step when they ran on the loader's thread. The loader's thread
+looks after each batch whether the checks are done and then forks the DataLoader itself (forking while another
+thread runs could copy a lock that thread holds into the workers); at the window's last batch it waits for them,
+as the boundary would have to. It counts and reports what they found (``TrainLoader._note_found``). The reader is
+started from the same verdicts whenever the checks end, so the stream is the same bits.
 """
 
 from __future__ import annotations
 
 import random
+import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -161,6 +167,57 @@ class _WindowStreams(IterableDataset):
                     return
 
 
+class _NextWindow:
+    """Window ``serial`` of the stream being prepared ahead: its shards checked in a background thread, then its
+    DataLoader started by the loader's thread.
+
+    Args:
+        serial: the window it reads (``TrainLoader.window_serial``).
+        shards: the window's shards (``TrainLoader.window_shards_of``), checked one by one in the thread.
+        check: ``TrainLoader.shard_checks.check`` (thread-safe; the loader's thread takes what it finds).
+        readable: ``TrainLoader.readable_window``, called in the thread last (it checks more shards only when none
+            of the window's can be read).
+    """
+
+    def __init__(self, serial: int, shards: list[int], check: Callable[[int], object],
+                 readable: Callable[[int], list[int]]):
+        self.serial = serial
+        self.batches: Iterator | None = None  # its DataLoader iterator, once the loader's thread has started it
+        self.error: BaseException | None = None  # what the checks raised, re-raised on the loader's thread
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(shards, check, readable), daemon=True,
+                                        name=f"torch-window-check-{serial}")
+        self._thread.start()
+
+    def _run(self, shards: list[int], check: Callable[[int], object], readable: Callable[[int], list[int]]) -> None:
+        try:
+            for i in shards:
+                if self._stop.is_set():  # abandoned: the loader is closing or resuming elsewhere
+                    return
+                check(i)
+            readable(self.serial)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the loader's thread in wait()
+            self.error = exc
+
+    def checked(self) -> bool:
+        """Whether the checks are over (without waiting)."""
+        return not self._thread.is_alive()
+
+    def wait(self) -> None:
+        """Wait for the checks; re-raise what they raised."""
+        self._thread.join()
+        if self.error is not None:
+            self.error.add_note(f"raised while checking the shards of window {self.serial} of the stream ahead of "
+                                "its boundary, in a background thread")
+            raise self.error
+
+    def abandon(self) -> None:
+        """Stop after the shard being checked (a verdict is recorded whole or not at all) and wait for that."""
+        self._stop.set()
+        self._thread.join()
+        self.batches = None
+
+
 class TorchLoader(TrainLoader):
     """PyTorch DataLoader two-view loader; views are normalised and cast on ``dist.device``."""
 
@@ -169,7 +226,7 @@ class TorchLoader(TrainLoader):
     def __init__(self, cfg: Config, dist: DistInfo):
         super().__init__(cfg, dist)
         self._iter: Iterator | None = None
-        self._next: tuple[int, Iterator] | None = None  # (window serial, its DataLoader iterator) started ahead
+        self._next: _NextWindow | None = None  # the window being prepared ahead
         # Enough batches for the next window's workers to start and make their first batch (each worker makes
         # a whole batch) while this window's last (prefetch + 1) x workers batches are delivered.
         self.prepare_ahead = (cfg.data.prefetch + 1) * max(1, cfg.data.num_threads)
@@ -206,20 +263,29 @@ class TorchLoader(TrainLoader):
         return iter(loader)
 
     def _prepare_next_window(self) -> None:
-        if self._next is None:
-            upcoming = self.next_window(self.window_serial)
-            self._next = (upcoming, self._open(upcoming, [0] * self._num_streams(upcoming), 0))
+        upcoming = self._next
+        if upcoming is None:
+            serial = self.next_window(self.window_serial)  # deals the next pass here, not in the thread
+            upcoming = self._next = _NextWindow(serial, self.window_shards_of(serial).tolist(), self.shard_checks.check,
+                                                self.readable_window)
+        last = self.batch_in_window >= self.window_batches(self.window_serial)
+        if upcoming.batches is None and (upcoming.checked() or last):  # the boundary would wait for the checks too
+            upcoming.wait()
+            serial = upcoming.serial
+            upcoming.batches = self._open(serial, [0] * self._num_streams(serial), 0)  # verdicts known: no I/O
 
     def _start_window(self) -> bool:
         holder, self._iter = [self._iter], None  # its workers have delivered their share of the window, are idle
         self.retirer.retire(holder)
-        self.consumed = [0] * self._num_streams(self.window_serial)
         upcoming, self._next = self._next, None
+        if upcoming is not None and upcoming.batches is None:
+            upcoming.abandon()  # checks not waited for (preparing was switched off): this thread checks the rest
+        self.consumed = [0] * self._num_streams(self.window_serial)
         # The retired window's workers have read all they will; this window's index copies stay (its workers read
-        # them as they open each tar), the next window's are fetched when it is opened ahead: at most two windows'.
+        # them as they open each tar), the next window's are fetched when it is checked ahead: at most two windows'.
         self._keep_index_copies()
-        if upcoming is not None and upcoming[0] == self.window_serial:
-            self._iter = upcoming[1]
+        if upcoming is not None and upcoming.serial == self.window_serial and upcoming.batches is not None:
+            self._iter = upcoming.batches
             return True
         return False
 
@@ -229,7 +295,9 @@ class TorchLoader(TrainLoader):
 
     def _shutdown(self) -> None:
         self._iter = None
-        self._next = None
+        upcoming, self._next = getattr(self, "_next", None), None
+        if upcoming is not None:
+            upcoming.abandon()
         self.retirer.join()
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
