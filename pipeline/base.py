@@ -82,8 +82,9 @@ class TrainLoader:
     Start-up costs the same whatever the rank's share: the manifest read (O(shards in the manifest), inherent:
     every rank deals from the whole list), one plan, and the checks of the first window's shards. Every other
     shard is checked when a window holding it is prepared (``pipeline.shard_check``; both backends check in a
-    background thread, off the training thread), so a damaged shard is found then: counted and said once on stderr
-    by the loader's thread (:meth:`_note_found`), and left out of that window's reader.
+    background thread, off the training thread, the PyTorch one from the first batch of the window before), so a
+    damaged shard is found then: counted and said once on stderr by the loader's thread (:meth:`_note_found`), and
+    left out of that window's reader.
     """
 
     backend = ""

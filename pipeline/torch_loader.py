@@ -15,14 +15,15 @@ at once, when the window ends
 5 s per worker). Even idle, a forked worker takes tens of milliseconds to exit (the kernel tears down its
 copy of this process's address space), so the finished window's DataLoader is shut down in a background thread
 (``TrainLoader.retirer``).
-The next window is prepared from ``prepare_ahead`` batches before the end of the window, so its workers are forked
-and have their first batches ready by the boundary. Its shards are checked first (``pipeline.shard_check``), in a
-background thread: on object storage that is a size request and ~4 small reads per shard, ~1,000 requests for a
-window of 256 shards, which stalled the training step when they ran on the loader's thread. The loader's thread
-looks after each batch whether the checks are done and then forks the DataLoader itself (forking while another
-thread runs could copy a lock that thread holds into the workers); at the window's last batch it waits for them,
-as the boundary would have to. It counts and reports what they found (``TrainLoader._note_found``). The reader is
-started from the same verdicts whenever the checks end, so the stream is the same bits.
+The next window's shards are checked (``pipeline.shard_check``) in a background thread started at the window's
+first batch: on object storage that is a size request and ~4 small reads per shard, ~1,000 requests for a window of
+256 shards, which stalled the training step when they ran on the loader's thread, and which can outlast the
+``prepare_ahead`` batches before the window's end. From ``prepare_ahead`` batches before the end, the loader's
+thread looks after each batch whether the checks are done and then forks the next window's DataLoader itself
+(forking while another thread runs could copy a lock that thread holds into the workers), so its workers have their
+first batches ready by the boundary; at the window's last batch it waits for the checks, as the boundary would
+have to. It counts and reports what they found (``TrainLoader._note_found``). The reader is started from the same
+verdicts whenever the checks end, so the stream is the same bits.
 """
 
 from __future__ import annotations
@@ -262,12 +263,15 @@ class TorchLoader(TrainLoader):
             multiprocessing_context="fork" if torch.multiprocessing.get_start_method(True) in (None, "fork") else None)
         return iter(loader)
 
+    def _check_next_window(self) -> _NextWindow:
+        """Start checking the shards of the window after this one in a background thread."""
+        serial = self.next_window(self.window_serial)  # deals the next pass here, not in the thread
+        self._next = _NextWindow(serial, self.window_shards_of(serial).tolist(), self.shard_checks.check,
+                                 self.readable_window)
+        return self._next
+
     def _prepare_next_window(self) -> None:
-        upcoming = self._next
-        if upcoming is None:
-            serial = self.next_window(self.window_serial)  # deals the next pass here, not in the thread
-            upcoming = self._next = _NextWindow(serial, self.window_shards_of(serial).tolist(), self.shard_checks.check,
-                                                self.readable_window)
+        upcoming = self._next or self._check_next_window()
         last = self.batch_in_window >= self.window_batches(self.window_serial)
         if upcoming.batches is None and (upcoming.checked() or last):  # the boundary would wait for the checks too
             upcoming.wait()
@@ -306,6 +310,8 @@ class TorchLoader(TrainLoader):
                 self.consumed = [0] * self._num_streams(self.window_serial)
             self._iter = self._open(self.window_serial, self.consumed, self.batch_in_window)
         q, k, stream, consumed, bad = next(self._iter)
+        if self._next is None and self.prepare_ahead is not None:
+            self._check_next_window()  # the whole window to hide the checks in, not only the last prepare_ahead batches
         self.consumed[stream] = consumed
         for loc in bad:
             self.note_bad_sample(loc)

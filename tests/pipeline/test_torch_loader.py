@@ -47,7 +47,7 @@ def test_the_next_windows_check_does_not_block_the_training_thread(shard_dir, mo
 
     monkeypatch.setattr(pipeline.shard_check, "check_shard", held_check)
     try:
-        loader.prepare_ahead = 100  # prepare window 1 right after window 0's first batch
+        loader.prepare_ahead = 1  # window 1's DataLoader forked at window 0's last batches; its check starts at the first
         got = [next(loader)]
         assert entered.wait(10), "window 1's check did not start"
         waits = []
@@ -64,7 +64,7 @@ def test_the_next_windows_check_does_not_block_the_training_thread(shard_dir, mo
     finally:
         release.set()
         loader.close()
-    # window 1's shard, then window 2's (prepared after window 1's first batch), each in its own thread
+    # window 1's shard, then window 2's (checked from window 1's first batch), each in its own thread
     assert checked_in == ["torch-window-check-1", "torch-window-check-2"], checked_in
     assert not _check_threads()
     for i, ((q1, k1), (q2, k2)) in enumerate(zip(expected, got)):
