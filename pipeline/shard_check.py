@@ -7,9 +7,10 @@ manifest) before the first batch: 7.7 s of the 15 s constructor at 100k shards p
 therefore deals every shard the manifest lists, and a window's reader reads the window's shards less those found
 unreadable (``TrainLoader.readable_window``); readers cycle, so every rank still yields the same number of batches.
 
-Checks may run in a background thread (the DALI loader prepares the next window's reader in one): verdicts are
-recorded under a lock, and the damaged ones are queued until the loader's own thread takes them
-(:meth:`ShardChecks.take_found`) to count and report them.
+Checks run in a background thread (each loader prepares the next window in one: DALI builds its reader there, the
+PyTorch backend only checks there and forks its DataLoader on the training thread): verdicts are recorded under a
+lock, and the damaged ones are queued until the loader's own thread takes them (:meth:`ShardChecks.take_found`) to
+count and report them.
 """
 
 from __future__ import annotations
