@@ -264,6 +264,7 @@ class TrainLoader:
             ManifestError: no shard of the manifest can be read.
         """
         window = self.window_shards_of(serial).tolist()
+        self.shard_checks.check_many(window)  # several at once in object storage (each check mostly waits on it)
         kept = [i for i in window if self.shard_checks.check(i).usable]
         if kept:
             return kept

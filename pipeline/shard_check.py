@@ -11,15 +11,24 @@ Checks run in a background thread (each loader prepares the next window in one: 
 PyTorch backend only checks there and forks its DataLoader on the training thread): verdicts are recorded under a
 lock, and the damaged ones are queued until the loader's own thread takes them (:meth:`ShardChecks.take_found`) to
 count and report them.
+
+In object storage a check is ~4-5 small requests, each mostly waiting on the store (~10-50 ms): a window's shards
+are checked ``CHECKS_IN_FLIGHT`` at a time there (:meth:`ShardChecks.check_many`), one by one on local disk (a
+check costs ~0.1-1 ms there; threads would only add overhead).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
+from collections.abc import Iterable
 from dataclasses import replace
 
+from shards import storage
 from shards.check import ShardCheck, check_shard
 from shards.manifest import Manifest
+
+CHECKS_IN_FLIGHT = 16  # shards checked at once in object storage (as `shards stats` fetches index files there)
 
 
 class ShardChecks:
@@ -31,6 +40,7 @@ class ShardChecks:
 
     def __init__(self, manifest: Manifest):
         self.manifest = manifest
+        self.remote = storage.is_url(manifest.root)  # checks mostly wait on the store: run several at once
         self._checked: dict[int, ShardCheck] = {}
         self._damaged: dict[int, ShardCheck] = {}  # the damaged verdicts, in the order found
         self._found: list[tuple[int, ShardCheck]] = []  # damaged verdicts the loader has not taken yet
@@ -41,11 +51,48 @@ class ShardChecks:
         found = self._checked.get(i)
         if found is not None:
             return found
+        return self._record(i, self._verdict(i))
+
+    def check_many(self, indices: Iterable[int], stop: threading.Event | None = None) -> None:
+        """Check the shards ``indices`` not checked yet: in object storage ``CHECKS_IN_FLIGHT`` at a time, on local
+        disk one by one.
+
+        Verdicts are recorded in the order of ``indices``, whatever order the checks end in, so the damaged shards
+        are found (and reported) in the same order as by :meth:`check` called on each in turn; a check that raises
+        raises here once the verdicts before it are recorded, and those after it are dropped, as one by one.
+
+        Args:
+            indices: shards (indices into ``manifest.shards``), in the order their verdicts are to be recorded.
+            stop: once set, no further verdict is recorded: the checks not started are cancelled, and those under
+                way are waited for (at most one round of requests) and dropped (checked afresh on the next call).
+        """
+        todo = list(dict.fromkeys(i for i in indices if i not in self._checked))
+        if not self.remote or len(todo) < 2:
+            for i in todo:
+                if stop is not None and stop.is_set():
+                    return
+                self.check(i)
+            return
+        pool = concurrent.futures.ThreadPoolExecutor(min(CHECKS_IN_FLIGHT, len(todo)), thread_name_prefix="shard-check")
+        try:
+            futures = [pool.submit(self._verdict, i) for i in todo]
+            for i, future in zip(todo, futures):
+                if stop is not None and stop.is_set():
+                    return
+                self._record(i, future.result())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # after a raise or a stop: no check left running
+
+    def _verdict(self, i: int) -> ShardCheck:
+        """Check shard ``i`` (no state touched: safe in any thread)."""
         entry = self.manifest.shards[i]
         found = check_shard(str(self.manifest.tar_path(entry)), self.manifest.index_path(entry))
         # A sound shard's records are not kept: readers parse the index themselves (1.28M records take ~0.9 GB,
         # measured with tracemalloc).
-        found = found if found.damaged else replace(found, samples=[])
+        return found if found.damaged else replace(found, samples=[])
+
+    def _record(self, i: int, found: ShardCheck) -> ShardCheck:
+        """Record the verdict ``found`` on shard ``i``; returns the verdict kept (another thread's if it was first)."""
         with self._lock:
             if i in self._checked:  # checked meanwhile in another thread: one verdict, reported once
                 return self._checked[i]

@@ -174,28 +174,29 @@ class _NextWindow:
 
     Args:
         serial: the window it reads (``TrainLoader.window_serial``).
-        shards: the window's shards (``TrainLoader.window_shards_of``), checked one by one in the thread.
-        check: ``TrainLoader.shard_checks.check`` (thread-safe; the loader's thread takes what it finds).
+        shards: the window's shards (``TrainLoader.window_shards_of``), checked in the thread.
+        check_many: ``TrainLoader.shard_checks.check_many`` (thread-safe; the loader's thread takes what it finds;
+            in object storage several shards at once).
         readable: ``TrainLoader.readable_window``, called in the thread last (it checks more shards only when none
             of the window's can be read).
     """
 
-    def __init__(self, serial: int, shards: list[int], check: Callable[[int], object],
+    def __init__(self, serial: int, shards: list[int], check_many: Callable[[list[int], threading.Event], None],
                  readable: Callable[[int], list[int]]):
         self.serial = serial
         self.batches: Iterator | None = None  # its DataLoader iterator, once the loader's thread has started it
         self.error: BaseException | None = None  # what the checks raised, re-raised on the loader's thread
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(shards, check, readable), daemon=True,
+        self._thread = threading.Thread(target=self._run, args=(shards, check_many, readable), daemon=True,
                                         name=f"torch-window-check-{serial}")
         self._thread.start()
 
-    def _run(self, shards: list[int], check: Callable[[int], object], readable: Callable[[int], list[int]]) -> None:
+    def _run(self, shards: list[int], check_many: Callable[[list[int], threading.Event], None],
+             readable: Callable[[int], list[int]]) -> None:
         try:
-            for i in shards:
-                if self._stop.is_set():  # abandoned: the loader is closing or resuming elsewhere
-                    return
-                check(i)
+            check_many(shards, self._stop)  # returns early once stopped
+            if self._stop.is_set():  # abandoned: the loader is closing or resuming elsewhere
+                return
             readable(self.serial)
         except BaseException as exc:  # noqa: BLE001 - re-raised by the loader's thread in wait()
             self.error = exc
@@ -213,7 +214,7 @@ class _NextWindow:
             raise self.error
 
     def abandon(self) -> None:
-        """Stop after the shard being checked (a verdict is recorded whole or not at all) and wait for that."""
+        """Stop after the checks under way (a verdict is recorded whole or not at all) and wait for them."""
         self._stop.set()
         self._thread.join()
         self.batches = None
@@ -266,7 +267,7 @@ class TorchLoader(TrainLoader):
     def _check_next_window(self) -> _NextWindow:
         """Start checking the shards of the window after this one in a background thread."""
         serial = self.next_window(self.window_serial)  # deals the next pass here, not in the thread
-        self._next = _NextWindow(serial, self.window_shards_of(serial).tolist(), self.shard_checks.check,
+        self._next = _NextWindow(serial, self.window_shards_of(serial).tolist(), self.shard_checks.check_many,
                                  self.readable_window)
         return self._next
 
