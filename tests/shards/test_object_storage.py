@@ -102,8 +102,10 @@ def test_build_into_object_storage_writes_what_a_local_build_writes(s3_env, phot
 @pytest.mark.slow
 def test_a_killed_build_leaves_no_torn_object_and_resumes_to_the_same_objects(s3_server, photo_dir, tmp_path):
     """SIGKILL a real `shards build --out s3://...` mid-run: what is in the bucket is complete; a rerun finishes."""
-    cmd = ["build", str(photo_dir), "--out", "s3://data/killed", "--samples-per-shard", "4", "--workers", "1",
-           "--no-progress", "--short-side", "0"]  # no resize: slower, easier to kill mid-way
+    # Groups of 2 (24 of them) and no resize, so the build is still far from done when the listing that sees two
+    # finished groups returns, however loaded the machine (with groups of 4 it once finished in between).
+    cmd = ["build", str(photo_dir), "--out", "s3://data/killed", "--samples-per-shard", "2", "--workers", "1",
+           "--no-progress", "--short-side", "0"]
     proc = subprocess.Popen([sys.executable, "-m", "shards", *cmd], env=_env(s3_server), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -115,7 +117,7 @@ def test_a_killed_build_leaves_no_torn_object_and_resumes_to_the_same_objects(s3
     proc.wait(60)
     assert proc.returncode == -signal.SIGKILL, "the build finished before it could be killed"
     reference = tmp_path / "reference"
-    build_shards([str(photo_dir)], reference, BuildOptions(samples_per_shard=4, workers=1, short_side=0,
+    build_shards([str(photo_dir)], reference, BuildOptions(samples_per_shard=2, workers=1, short_side=0,
                                                            progress=False))
     expected = _files(reference)
     partial = _objects(s3_server, "killed")
