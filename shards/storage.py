@@ -412,27 +412,67 @@ class LocalCopies:
         self.prefix = prefix
         self.fetches = 0  # objects downloaded (a dropped copy asked for again is fetched again)
         self._copies: dict[str, Path] = {}
+        self._fetching: dict[str, threading.Event] = {}  # URL -> set when its download ends
         self._folder: Path | None = None
         self._lock = threading.Lock()
         self._cleanup: Any = None
 
     def get(self, url: str) -> Path:
-        """The local copy of ``url``, fetched (one GET) unless a copy is kept."""
-        with self._lock:
-            found = self._copies.get(url)
-            if found is not None and found.is_file():
-                return found
-            if self._folder is None:
-                self._folder = Path(tempfile.mkdtemp(prefix=self.prefix))
-                self._cleanup = weakref.finalize(self, _remove_folder, self._folder, os.getpid())
-            digest = hashlib.blake2b(url.encode(), digest_size=8).hexdigest()
-            out = self._folder / f"{digest}-{name(url)}"
-            tmp = out.with_name(f".{out.name}.part-{os.getpid()}-{threading.get_ident()}")
+        """The local copy of ``url``, fetched (one GET) unless a copy is kept.
+
+        The lock is not held over the download, so threads fetch different URLs at once (a window's shard checks
+        run 16 at a time in object storage); a thread asking for a URL being fetched waits for that download.
+        """
+        while True:
+            with self._lock:
+                found = self._copies.get(url)
+                if found is not None and found.is_file():
+                    return found
+                in_flight = self._fetching.get(url)
+                folder = None
+                if in_flight is None:
+                    in_flight = self._fetching[url] = threading.Event()
+                    folder = self._open_folder()
+            if folder is None:
+                in_flight.wait()  # then take its copy, or fetch it if that download failed
+                continue
+            try:
+                out, error = self._download(url, folder), None
+            except OSError as exc:  # a closed folder (close() during the download) or a local write failure
+                out, error = None, exc
+            except BaseException:
+                with self._lock:
+                    self._fetching.pop(url).set()
+                raise
+            with self._lock:
+                self._fetching.pop(url).set()
+                if self._folder is folder:
+                    if error is not None:
+                        raise error
+                    self._copies[url] = out
+                    self.fetches += 1
+                    return out
+            # closed while downloading: the copy went with its folder; fetch again into a new one
+
+    def _open_folder(self) -> Path:
+        """The copies' folder, made on first use (called under the lock)."""
+        if self._folder is None:
+            self._folder = Path(tempfile.mkdtemp(prefix=self.prefix))
+            self._cleanup = weakref.finalize(self, _remove_folder, self._folder, os.getpid())
+        return self._folder
+
+    @staticmethod
+    def _download(url: str, folder: Path) -> Path:
+        digest = hashlib.blake2b(url.encode(), digest_size=8).hexdigest()
+        out = folder / f"{digest}-{name(url)}"
+        tmp = out.with_name(f".{out.name}.part-{os.getpid()}-{threading.get_ident()}")
+        try:
             tmp.write_bytes(read_bytes(url))
             os.replace(tmp, out)
-            self._copies[url] = out
-            self.fetches += 1
-            return out
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return out
 
     def keep_only(self, urls: set[str]) -> int:
         """Delete every copy but those of ``urls`` (fetched again if asked for later); returns how many went."""

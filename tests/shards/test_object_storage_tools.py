@@ -307,7 +307,7 @@ def test_a_windows_shard_checks_run_in_parallel_in_object_storage(s3_env, damage
     assert [i for i, _ in parallel.take_found()] == found
     assert all(parallel.check(i) == one_by_one.check(i) for i in range(24))  # the same verdicts, all recorded
     assert [i for i, _ in parallel.damaged()] == found
-    # ~4 requests a shard: ~24 x 4 x 20 ms one by one; 16 at a time ~2 rounds (the index fetches queue on a lock)
+    # 7 requests a shard: ~24 x 7 x 20 ms one by one; 16 at a time ~2 rounds
     assert in_parallel < sequential / 2.5, (in_parallel, sequential)
     print(f"24 shards at {STORE_LATENCY * 1e3:.0f} ms a request: one by one {sequential:.2f} s, "
           f"16 at a time {in_parallel:.2f} s ({sequential / in_parallel:.1f}x)")
@@ -325,3 +325,52 @@ def test_a_windows_shard_checks_run_in_parallel_in_object_storage(s3_env, damage
     assert len(touched) < 24 and took < sequential / 2, (touched, took)  # the checks not started were cancelled
     stopped.check_many(order)  # the rest, checked afresh
     assert [i for i, _ in stopped.take_found()] == found
+
+
+def test_local_copies_download_different_objects_at_once_and_one_object_once(s3_env, monkeypatch):
+    """LocalCopies holds no lock over a download: 8 threads fetching 8 index objects at 0.2 s a request overlap
+    (one at a time took 8 x 0.2 s); 8 threads asking for one object make one download and share its copy; a copy
+    closed while it downloads is fetched again into a new folder, never returned from the deleted one."""
+    for k in range(8):
+        storage.write_bytes(f"s3://data/copies/{k}.idx", f"index {k}\n".encode())
+    _slow_store(monkeypatch, latency=0.2 / 1.5)  # at most 0.2 s a request
+    copies = storage.LocalCopies()
+    paths: dict[int, Path] = {}
+
+    def fetch(k: int, url: str) -> None:
+        paths[k] = copies.get(url)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=fetch, args=(k, f"s3://data/copies/{k}.idx")) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    assert [paths[k].read_text() for k in range(8)] == [f"index {k}\n" for k in range(8)]
+    assert copies.fetches == 8 and elapsed < 8 * 0.2 / 2, elapsed
+
+    same = storage.LocalCopies()
+    threads = [threading.Thread(target=lambda k=k: paths.__setitem__(k, same.get("s3://data/copies/3.idx")))
+               for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert same.fetches == 1 and len({paths[k] for k in range(8)}) == 1 and paths[0].read_text() == "index 3\n"
+
+    closing = storage.LocalCopies()
+    closed_once = threading.Event()
+    real_download = storage.LocalCopies._download
+
+    def download_then_close(url: str, folder: Path) -> Path:
+        out = real_download(url, folder)
+        if not closed_once.is_set():
+            closed_once.set()
+            closing.close()  # as a loader shutting down while its check thread still fetches
+        return out
+
+    monkeypatch.setattr(storage.LocalCopies, "_download", staticmethod(download_then_close))
+    copy = closing.get("s3://data/copies/5.idx")
+    assert copy.read_text() == "index 5\n" and copy.parent == closing.folder and closing.fetches == 1
+    copies.close(), same.close(), closing.close()
