@@ -20,7 +20,7 @@ on it (~10-50 ms): a window's shards are checked ``CHECKS_IN_FLIGHT`` at a time 
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
 import threading
 from collections.abc import Iterable
 from dataclasses import replace
@@ -29,7 +29,7 @@ from shards import storage
 from shards.check import ShardCheck, check_shard
 from shards.manifest import Manifest
 
-CHECKS_IN_FLIGHT = 16  # shards checked at once in object storage (as `shards stats` fetches index files there)
+CHECKS_IN_FLIGHT = storage.REQUESTS_IN_FLIGHT  # shards checked at once in object storage
 
 
 class ShardChecks:
@@ -74,15 +74,12 @@ class ShardChecks:
                     return
                 self.check(i)
             return
-        pool = concurrent.futures.ThreadPoolExecutor(min(CHECKS_IN_FLIGHT, len(todo)), thread_name_prefix="shard-check")
-        try:
-            futures = [pool.submit(self._verdict, i) for i in todo]
-            for i, future in zip(todo, futures):
+        verdicts = storage.map_ahead(self._verdict, todo, min(CHECKS_IN_FLIGHT, len(todo)), "shard-check")
+        with contextlib.closing(verdicts):  # after a raise or a stop: the checks not started are cancelled
+            for i, found in zip(todo, verdicts):
                 if stop is not None and stop.is_set():
                     return
-                self._record(i, future.result())
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)  # after a raise or a stop: no check left running
+                self._record(i, found)
 
     def _verdict(self, i: int) -> ShardCheck:
         """Check shard ``i`` (no state touched: safe in any thread)."""

@@ -23,6 +23,8 @@ callers keep one code path:
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import hashlib
 import os
@@ -31,9 +33,9 @@ import shutil
 import tempfile
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 # Object stores and the fsspec package that reaches each (not a dependency until a URL of its kind is used).
 SCHEMES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
@@ -41,6 +43,10 @@ _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://(.*)$")
 _ALMOST_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/(?!/)")  # "s3:/bucket": a URL that went through Path()
 READAHEAD = 8 << 20  # bytes fetched ahead when a remote file is read front to back (a shard's samples in order)
 LIST_PAGE = 1000  # keys per listing request: the most S3 returns in one
+REQUESTS_IN_FLIGHT = 16  # small requests run at once against a store (each mostly waits on its ~10-50 ms latency)
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 class StorageError(ValueError):
@@ -229,6 +235,33 @@ def open_file(path: str | os.PathLike, readahead: int = 0) -> IO[bytes] | _Remot
     cache = {"cache_type": "readahead", "block_size": readahead} if readahead else {"cache_type": "none"}
     with _errors(path):
         return _RemoteFile(path, fs.open(key, "rb", **cache))
+
+
+def map_ahead(fn: Callable[[_T], _R], items: Iterable[_T], ahead: int = REQUESTS_IN_FLIGHT,
+              name: str = "store") -> Iterator[_R]:
+    """``fn`` of each item, in item order, with up to ``ahead`` calls running ahead of the consumer in threads.
+
+    For calls that mostly wait on a store (downloads, shard checks). A call that raises raises when its turn
+    comes, after every earlier result was yielded. Closing the generator early cancels the calls not started and
+    waits for those under way, so no thread is left running.
+
+    Args:
+        fn: the call (run in a worker thread).
+        items: its arguments, taken lazily (at most ``ahead + 1`` calls submitted at a time).
+        ahead: calls running while the consumer holds a result (1: the next one is fetched while this one is used).
+        name: thread name prefix.
+    """
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, ahead), thread_name_prefix=name)
+    pending: collections.deque[concurrent.futures.Future] = collections.deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def list_files(prefix: str | os.PathLike, page_size: int = LIST_PAGE) -> Iterator[tuple[str | Path, int]]:

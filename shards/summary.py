@@ -7,8 +7,6 @@ index is streamed to a scratch file, parsed and deleted: no tar is read, one GET
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import json
 import os
 import tempfile
@@ -20,7 +18,7 @@ from shards import storage
 from shards.manifest import Manifest, read_manifest
 from shards.writer import SampleRecord, read_index
 
-FETCH_AHEAD = 16  # index files fetched at once from object storage (each GET mostly waits on the store's latency)
+FETCH_AHEAD = storage.REQUESTS_IN_FLIGHT  # index files fetched at once from object storage
 
 
 @dataclass
@@ -80,14 +78,7 @@ def _index_records(manifest: Manifest, scratch: Path) -> Iterator[list[SampleRec
         finally:
             local.unlink()
 
-    with concurrent.futures.ThreadPoolExecutor(FETCH_AHEAD, thread_name_prefix="stats-fetch") as pool:
-        pending: collections.deque[concurrent.futures.Future] = collections.deque()
-        for k in range(len(indexes)):
-            pending.append(pool.submit(fetch, k))
-            if len(pending) >= FETCH_AHEAD:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+    yield from storage.map_ahead(fetch, range(len(indexes)), FETCH_AHEAD, "stats-fetch")
 
 
 def format_summary(s: ShardSummary) -> str:

@@ -11,7 +11,6 @@ The damage kinds are those the training loaders skip (``shards.check``); verify 
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import io
 import json
@@ -143,13 +142,7 @@ def _shard_files(manifest: Manifest, scratch: Path) -> Iterator[tuple[ShardEntry
     if not remote:
         yield from (fetch(k, shard) for k, shard in enumerate(manifest.shards))
         return
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-fetch") as pool:
-        ahead = pool.submit(fetch, 0, manifest.shards[0])
-        for k in range(1, len(manifest.shards)):
-            found = ahead.result()
-            ahead = pool.submit(fetch, k, manifest.shards[k])
-            yield found
-        yield ahead.result()
+    yield from storage.map_ahead(lambda item: fetch(*item), enumerate(manifest.shards), 1, "verify-fetch")
 
 
 def _check_one_shard(shard: ShardEntry, tar_path: Path, idx_path: Path, num_classes: int,

@@ -123,7 +123,7 @@ def test_verify_and_stats_of_a_good_set_in_object_storage(s3_env, local_shards, 
         f"/data/verify-good/{n}": 1 for n in files}
     assert verify_shards(local_shards).dali_samples == 48  # locally in groups too
 
-    monkeypatch.setattr(summary, "FETCH_AHEAD", 4)  # 6 index files: 4 in flight, then the rest in order
+    monkeypatch.setattr(summary, "FETCH_AHEAD", 4)  # 6 index files: 4 ahead of the one parsed, in order
     assert format_summary(summarize(url)) == format_summary(summarize(local_shards))
     capsys.readouterr()
     assert main(["verify", url]) == 0  # with the DALI pass: its webdataset reader opens the s3:// tars itself

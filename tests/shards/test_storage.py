@@ -87,3 +87,31 @@ def test_a_store_without_its_fsspec_package_is_a_one_line_error(monkeypatch):
     with pytest.raises(StorageError, match=r"gs:// needs the gcsfs package \(pip install gcsfs\)") as info:
         storage.read_bytes("gs://bucket/shards/manifest.json")
     assert "\n" not in str(info.value)
+
+
+def test_map_ahead_yields_in_order_raises_at_its_turn_and_cancels_what_is_not_started():
+    import threading
+    import time
+
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def slow(k: int) -> int:
+        with lock:
+            started.append(k)
+        time.sleep(0.02 * (3 - k % 3))  # later items end first
+        if k == 7:
+            raise ValueError("item 7")
+        return k * k
+
+    results = storage.map_ahead(slow, range(20), ahead=4)
+    assert [next(results) for _ in range(7)] == [k * k for k in range(7)]
+    with pytest.raises(ValueError, match="item 7"):
+        next(results)
+    results.close()
+    assert len(started) <= 7 + 4 + 1  # submitted at most `ahead` past the one being consumed, never all 20
+
+    lazy = storage.map_ahead(slow, range(20), ahead=2)
+    assert next(lazy) == 0
+    lazy.close()  # the calls not started are cancelled, those under way waited for
+    assert not [t for t in threading.enumerate() if t.name.startswith("store")]
