@@ -342,7 +342,7 @@ def _list_lines(path: str, part: tuple[int, int] | None) -> Iterator[str]:
     i, n = part or (0, 1)
     size = storage.size(path)
     start, stop = i * size // n, (i + 1) * size // n
-    with tables.open_lines(path) as fh:
+    with storage.open_lines(path) as fh:
         if start:
             fh.seek(start - 1)
             if fh.read(1) != b"\n":

@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 from collections.abc import Iterator
-from typing import IO, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from shards import storage
 
@@ -67,18 +66,6 @@ def first_lines(path: str, count: int) -> list[bytes]:
     lines = [line + b"\n" for line in data.split(b"\n")]
     lines[-1] = lines[-1][:-1]  # the text after the last newline: a line only at the end of the file
     return [line for line in lines[:count] if line.endswith(b"\n") or (ended and line)]
-
-
-def open_lines(path: str) -> IO[bytes]:
-    """``path`` opened for ``readline`` and ``seek``, a remote file through a 1 MiB buffer.
-
-    fsspec's own ``readline`` reads a whole read-ahead block per call and slices it: 8 MiB copied per line, and
-    blocks fetched again after each seek back. A remote list of 1M lines (21 MB) took 271 s and fetched 34 MB
-    that way, 0.14 s and 21 MB through the buffer (an in-memory fetcher, so only the copying is timed).
-    """
-    if not storage.is_url(path):
-        return open(path, "rb")
-    return io.BufferedReader(_RawRemote(storage.open_file(path, readahead=storage.READAHEAD)), 1 << 20)
 
 
 def columns(path: str) -> list[str]:
@@ -149,7 +136,7 @@ def _csv_rows(path: str, column: str, part: tuple[int, int]) -> Iterator[Row]:
     names, body = _csv_header(path)
     size = storage.size(path)
     start, stop = body + i * (size - body) // n, body + (i + 1) * (size - body) // n
-    with open_lines(path) as fh:
+    with storage.open_lines(path) as fh:
         fh.seek(start - 1)
         if fh.read(1) != b"\n":
             fh.readline()  # the row in progress belongs to the part in whose range it starts
@@ -198,36 +185,6 @@ def _parquet(path: str, small: bool = False) -> Iterator[Any]:
         except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
             raise TableError(f"table {path} is not a readable parquet file: {str(exc).splitlines()[0]}") from None
         yield table
-
-
-class _RawRemote(io.RawIOBase):
-    """A remote file (``storage.open_file``) as the raw stream under an ``io.BufferedReader``."""
-
-    def __init__(self, handle: Any):
-        super().__init__()
-        self._handle = handle
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._handle.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self._handle.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._handle.tell()
-
-    def close(self) -> None:
-        if not self.closed:
-            self._handle.close()
-        super().close()
 
 
 class _ArrowFile:
