@@ -175,7 +175,8 @@ def check_machine(cfg: Config) -> None:
 
 def check_batch_fits(cfg: Config, world_size: int, global_batch: int) -> None:
     """Every rank must be able to fill one local batch per pass from its share of the shards."""
-    sizes = read_manifest(cfg.data.shards).shards.samples  # a column, not one entry object per shard
+    # The counts only: the loader built next checks that the files exist (a second listing of the store otherwise).
+    sizes = read_manifest(cfg.data.shards, check_files=False).shards.samples
     fewest = min(ShardPlan(sizes, world_size, cfg.run.seed).rank_samples(0))
     local = global_batch // world_size
     if fewest < local:
